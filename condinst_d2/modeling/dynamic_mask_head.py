@@ -1,0 +1,163 @@
+"""CondInst's dynamic mask head: a tiny FCN whose weights are generated per instance.
+
+Shape shorthand: N: images, Cm: mask feature channels, h x w: mask feature size (stride s),
+R: instances, P: dynamic parameters per instance, Ch: hidden channels of the dynamic head,
+f = s / MASK_OUT_STRIDE.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.structures import Instances
+from torch import nn
+
+from .layers import aligned_bilinear, compute_locations
+
+__all__ = ["DynamicMaskHead", "parse_dynamic_params", "dice_loss", "relative_coordinates"]
+
+
+def parse_dynamic_params(
+    params: torch.Tensor, weight_nums: Sequence[int], bias_nums: Sequence[int]
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Splits (R, P) parameters into per-layer weights (R, out, in) and biases (R, out, 1).
+
+    Layout along P: all layers' weights first (each row-major out x in), then all biases.
+    """
+    if params.dim() != 2 or params.shape[1] != sum(weight_nums) + sum(bias_nums):
+        raise ValueError(
+            f"expected (R, {sum(weight_nums) + sum(bias_nums)}) dynamic parameters, "
+            f"got {tuple(params.shape)}"
+        )
+    num_layers = len(weight_nums)
+    splits = torch.split(params, list(weight_nums) + list(bias_nums), dim=1)
+    biases = [b.unsqueeze(2) for b in splits[num_layers:]]
+    weights = [w.reshape(len(params), b.shape[1], -1) for w, b in zip(splits[:num_layers], biases)]
+    return weights, biases
+
+
+def relative_coordinates(
+    instance_locations: torch.Tensor, grid: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """((x_i - x) / s_i, (y_i - y) / s_i) of each of R instances over the (h*w, 2) grid.
+
+    Args:
+        instance_locations: (R, 2); grid: (h*w, 2); scales: (R,) normaliser per instance.
+    Returns:
+        (R, 2, h*w).
+    """
+    rel = instance_locations[:, None, :] - grid[None, :, :]  # (R, h*w, 2)
+    return rel.permute(0, 2, 1) / scales[:, None, None]
+
+
+def dice_loss(scores: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - 2*sum(p*t) / (sum(p^2) + sum(t^2) + eps) for each of R masks; inputs (R, ...)."""
+    scores, targets = scores.flatten(1), targets.flatten(1)
+    intersection = (scores * targets).sum(dim=1)
+    union = (scores**2.0).sum(dim=1) + (targets**2.0).sum(dim=1) + eps
+    return 1.0 - 2 * intersection / union
+
+
+class DynamicMaskHead(nn.Module):
+    """Runs every instance's dynamic 1x1-conv FCN on its image's mask features (+ relative
+    coordinates) as one batched matrix product. Has no parameters of its own."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        channels: int,
+        num_layers: int,
+        mask_out_stride: int,
+        sizes_of_interest: Sequence[float],
+        disable_rel_coords: bool = False,
+    ):
+        """`sizes_of_interest`: the relative-coordinate normaliser of each FPN level."""
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MODEL.CONDINST.MASK_HEAD.NUM_LAYERS must be >= 1, got {num_layers}")
+        self.in_channels = in_channels
+        self.mask_out_stride = mask_out_stride
+        self.sizes_of_interest = list(sizes_of_interest)
+        self.disable_rel_coords = disable_rel_coords
+        widths = [in_channels + (0 if disable_rel_coords else 2)] + [channels] * (num_layers - 1) + [1]
+        self.weight_nums = [i * o for i, o in zip(widths[:-1], widths[1:])]
+        self.bias_nums = widths[1:]
+
+    @classmethod
+    def from_config(cls, cfg):
+        soi = list(cfg.MODEL.FCOS.SIZES_OF_INTEREST)
+        head = cfg.MODEL.CONDINST.MASK_HEAD
+        return {
+            "in_channels": cfg.MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS,
+            "channels": head.CHANNELS,
+            "num_layers": head.NUM_LAYERS,
+            "mask_out_stride": cfg.MODEL.CONDINST.MASK_OUT_STRIDE,
+            "sizes_of_interest": soi + [soi[-1] * 2],
+            "disable_rel_coords": head.DISABLE_REL_COORDS,
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # The authors' checkpoints carry an iteration counter and the relative-coordinate
+        # normalisers as buffers; here the counter does not exist and the normalisers come from
+        # the config, so the file's values are checked against it and then dropped.
+        state_dict.pop(prefix + "_iter", None)
+        soi = state_dict.pop(prefix + "sizes_of_interest", None)
+        if soi is not None and soi.tolist() != self.sizes_of_interest:
+            errors.append(
+                f"{prefix}sizes_of_interest in the checkpoint is {soi.tolist()} but the config gives "
+                f"{self.sizes_of_interest} (MODEL.FCOS.SIZES_OF_INTEREST + twice its last value)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    @property
+    def num_params(self) -> int:
+        """P: the number of parameters the controller generates per instance."""
+        return sum(self.weight_nums) + sum(self.bias_nums)
+
+    def forward(self, mask_feats: torch.Tensor, mask_feat_stride: int, instances: Instances) -> torch.Tensor:
+        """Mask logits of R instances at MASK_OUT_STRIDE.
+
+        Args:
+            mask_feats: (N, Cm, h, w) at stride `mask_feat_stride`.
+            instances: R instances with im_inds, locations (R, 2), fpn_levels and
+                mask_head_params (R, P).
+        Returns:
+            (R, 1, h*f, w*f) logits.
+        """
+        n_inst = len(instances)
+        _, _, h, w = mask_feats.shape
+        x = mask_feats[instances.im_inds].reshape(n_inst, self.in_channels, h * w)
+        if not self.disable_rel_coords:
+            grid = compute_locations(h, w, mask_feat_stride, mask_feats.device)
+            scales = mask_feats.new_tensor(self.sizes_of_interest)[instances.fpn_levels]
+            rel = relative_coordinates(instances.locations, grid, scales).to(mask_feats.dtype)
+            x = torch.cat([rel, x], dim=1)
+        weights, biases = parse_dynamic_params(instances.mask_head_params, self.weight_nums, self.bias_nums)
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
+            x = torch.baddbmm(bias, weight, x)  # (R, out, h*w)
+            if i < len(weights) - 1:
+                x = F.relu(x)
+        factor = mask_feat_stride // self.mask_out_stride
+        if factor * self.mask_out_stride != mask_feat_stride:
+            raise ValueError(
+                f"MASK_OUT_STRIDE {self.mask_out_stride} must divide the mask feature stride "
+                f"{mask_feat_stride}"
+            )
+        return aligned_bilinear(x.reshape(n_inst, 1, h, w), factor)
+
+    def loss(
+        self, mask_feats: torch.Tensor, mask_feat_stride: int, instances: Instances, gt_bitmasks: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean dice loss of R instances against their GT masks.
+
+        Args:
+            instances: as in `forward`, plus gt_inds into `gt_bitmasks`.
+            gt_bitmasks: (G_total, h*f, w*f) masks of all GTs of the batch.
+        """
+        if len(instances) == 0:  # zero, but connected to the graph (DDP needs every gradient)
+            return mask_feats.sum() * 0 + instances.mask_head_params.sum() * 0
+        scores = self(mask_feats, mask_feat_stride, instances).sigmoid()
+        targets = gt_bitmasks[instances.gt_inds].unsqueeze(1).to(scores.dtype)
+        return dice_loss(scores, targets).mean()
