@@ -32,7 +32,9 @@ def parse_dynamic_params(
     num_layers = len(weight_nums)
     splits = torch.split(params, list(weight_nums) + list(bias_nums), dim=1)
     biases = [b.unsqueeze(2) for b in splits[num_layers:]]
-    weights = [w.reshape(len(params), b.shape[1], -1) for w, b in zip(splits[:num_layers], biases)]
+    weights = [
+        w.reshape(len(params), b.shape[1], w.shape[1] // b.shape[1]) for w, b in zip(splits[:num_layers], biases)
+    ]
     return weights, biases
 
 

@@ -19,7 +19,8 @@ def mask_nms(
     """Indices of the kept detections, by decreasing score.
 
     A detection is dropped when its mask overlaps a kept, higher-scored detection of the same class
-    with IoU > `thresh`. Args: masks (D, h, w) bool; scores, classes (D,).
+    with IoU > `thresh`; at most `max_keep` are kept (<= 0: no limit).
+    Args: masks (D, h, w) bool; scores, classes (D,).
     """
     order = torch.argsort(scores, descending=True)
     iou = mask_iou(masks[order])
@@ -31,7 +32,7 @@ def mask_nms(
         if suppressed[i]:
             continue
         keep.append(i)
-        if len(keep) == max_keep:
+        if len(keep) == max_keep > 0:
             break
         suppressed |= overlaps[i]
     return order[torch.tensor(keep, dtype=torch.long, device=masks.device)]

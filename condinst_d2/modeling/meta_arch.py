@@ -16,6 +16,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY,
 from detectron2.structures import ImageList, Instances, PolygonMasks, polygons_to_bitmask
 from torch import nn
 
+from ..checkpoint.authors import rename_authors_keys
 from .dynamic_mask_head import DynamicMaskHead
 from .mask_branch import MaskBranch
 from .mask_nms import mask_nms
@@ -218,7 +219,5 @@ class CondInst(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The authors' checkpoints keep the controller beside the FCOS head; ours keeps it inside.
-        old, new = prefix + "controller.", prefix + "proposal_generator.fcos_head.controller."
-        for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[new + key[len(old) :]] = state_dict.pop(key)
+        rename_authors_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -131,8 +131,8 @@ class FCOSHead(nn.Module):
         Returns:
             (R, P) dynamic parameters, in the order of the inputs.
         """
-        weight = self.controller.weight.flatten(1)  # (P, C*9), matches the (C, 3, 3) patch order
-        params = bbox_towers[0].new_empty((len(loc_inds), weight.shape[0]))
+        channels = bbox_towers[0].shape[1]
+        patches = bbox_towers[0].new_zeros((len(loc_inds), channels * 9))
         offsets = torch.arange(3, device=loc_inds.device)
         for level, tower in enumerate(bbox_towers):
             sel = torch.nonzero(fpn_levels == level).squeeze(1)
@@ -142,12 +142,13 @@ class FCOSHead(nn.Module):
             ys, xs = loc_inds[sel] // width, loc_inds[sel] % width
             padded = F.pad(tower, (1, 1, 1, 1))
             # Advanced indices around the channel slice put their dims first: (R_l, 3, 3, C).
-            patches = padded[
+            level_patches = padded[
                 im_inds[sel, None, None],
                 :,
                 ys[:, None, None] + offsets[None, :, None],
                 xs[:, None, None] + offsets[None, None, :],
             ]
-            patches = patches.permute(0, 3, 1, 2).flatten(1)  # (R_l, C*9)
-            params = params.index_copy(0, sel, F.linear(patches, weight, self.controller.bias))
-        return params
+            patches = patches.index_copy(0, sel, level_patches.permute(0, 3, 1, 2).flatten(1))
+        # One product for all levels; with R = 0 it still connects the controller to the graph.
+        weight = self.controller.weight.flatten(1)  # (P, C*9), matches the (C, 3, 3) patch order
+        return F.linear(patches, weight, self.controller.bias)

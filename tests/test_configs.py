@@ -1,0 +1,76 @@
+"""Every YAML merges and builds; the authors' merged configs merge unchanged; bad settings fail early."""
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from condinst_d2 import add_condinst_config
+from conftest import CASES, ROOT, condinst_cfg, require_fixtures
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_add_condinst_config_leaves_detectron2_defaults_alone():
+    add_condinst_config(get_cfg())
+    assert not hasattr(get_cfg().MODEL, "FCOS")
+    assert not hasattr(get_cfg().MODEL, "CONDINST")
+
+
+def test_defaults_are_the_authors():
+    cfg = get_cfg()
+    add_condinst_config(cfg)
+    assert cfg.MODEL.FCOS.SIZES_OF_INTEREST == [64, 128, 256, 512]
+    assert (cfg.MODEL.FCOS.NMS_TH, cfg.MODEL.FCOS.POS_RADIUS, cfg.MODEL.FCOS.THRESH_WITH_CTR) == (0.6, 1.5, False)
+    assert (cfg.MODEL.CONDINST.MASK_OUT_STRIDE, cfg.MODEL.CONDINST.MASK_HEAD.CHANNELS) == (4, 8)
+    assert cfg.MODEL.CONDINST.MASK_NMS is False
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_merges_and_builds(path):
+    cfg = condinst_cfg(path)
+    model = build_model(cfg)
+    assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE == "CondInst"
+    head = model.proposal_generator.fcos_head
+    assert head.controller.out_channels == model.mask_head.num_params == 169
+    assert head.cls_logits.out_channels == cfg.MODEL.FCOS.NUM_CLASSES
+    assert hasattr(model.mask_branch, "seg_head") == cfg.MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON
+
+
+def test_paper_variants_differ_as_named():
+    depth = {p.stem: condinst_cfg(p).MODEL.RESNETS.DEPTH for p in CONFIGS}
+    assert depth["MS_R_50_3x"] == 50 and depth["MS_R_101_3x"] == 101 and depth["MS_R_101_3x_sem"] == 101
+    assert condinst_cfg(ROOT / "configs/CondInst/MS_R_50_3x.yaml").SOLVER.MAX_ITER == 270000
+    assert condinst_cfg(ROOT / "configs/CondInst/MS_R_50_1x.yaml").SOLVER.MAX_ITER == 90000
+    assert condinst_cfg(ROOT / "configs/CondInst/MS_R_50_3x_sem.yaml").MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_authors_merged_config_merges_unchanged(case):
+    path = require_fixtures() / case / "config_condinst.yaml"
+    cfg = condinst_cfg(path)
+    assert cfg.MODEL.CONDINST.MAX_PROPOSALS == 500 and cfg.MODEL.FCOS.THRESH_WITH_CTR
+
+
+def test_unknown_key_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  CONDINST:\n    MASK_HEADS:\n      CHANNELS: 8\n")
+    cfg = get_cfg()
+    add_condinst_config(cfg)
+    with pytest.raises(KeyError, match="MODEL.CONDINST.MASK_HEADS"):
+        cfg.merge_from_file(str(bad))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"MODEL.CONDINST.MAX_PROPOSALS": 500, "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM": 64}, "cannot both be set"),
+        ({"MODEL.CONDINST.BOTTOM_PIXELS_REMOVED": 10}, "BOTTOM_PIXELS_REMOVED"),
+        ({"MODEL.FCOS.USE_DEFORMABLE": True}, "USE_DEFORMABLE"),
+        ({"MODEL.FCOS.TOP_LEVELS": 1}, "TOP_LEVELS"),
+        ({"MODEL.FCOS.FPN_STRIDES": [8, 16, 32]}, "FPN_STRIDES"),
+        ({"MODEL.FCOS.LOSS_NORMALIZER_CLS": "moving_fg"}, "LOSS_NORMALIZER_CLS"),
+    ],
+)
+def test_inconsistent_settings_fail_at_build(overrides, message):
+    cfg = condinst_cfg(ROOT / "configs/CondInst/QuickStart_R_18_CPU.yaml", **overrides)
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
