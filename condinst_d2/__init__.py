@@ -4,12 +4,21 @@ Importing the package registers `CondInst` (META_ARCH_REGISTRY), `FCOS`
 (PROPOSAL_GENERATOR_REGISTRY) and `build_fcos_resnet_fpn_backbone` (BACKBONE_REGISTRY).
 """
 from .config import add_condinst_config
-from .modeling import FCOS, CondInst, DynamicMaskHead, FCOSHead, MaskBranch, build_fcos_resnet_fpn_backbone
+from .modeling import (
+    FCOS,
+    CondInst,
+    DynamicMaskHead,
+    FCOSHead,
+    MaskBranch,
+    build_fcos_efficientnet_lite0_fpn_backbone,
+    build_fcos_resnet_fpn_backbone,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "add_condinst_config",
+    "build_fcos_efficientnet_lite0_fpn_backbone",
     "build_fcos_resnet_fpn_backbone",
     "CondInst",
     "DynamicMaskHead",

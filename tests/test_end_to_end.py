@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
 from condinst_d2.modeling.mask_nms import mask_iou
-from conftest import assert_same_detections, condinst_cfg, inference_cases, load_train_batch, quickstart_cfg, require_fixtures, synthetic_instances
+from conftest import assert_same_detections, condinst_cfg, inference_cases, load_train_batch, small_cfg, require_fixtures, synthetic_instances
 
 
 def _image(h, w, seed=0):
@@ -37,7 +37,7 @@ def _assert_every_parameter_has_a_gradient(model):
 
 @pytest.mark.parametrize("semantic", [False, True])
 def test_batch_without_instances_trains(semantic):
-    model = build_model(quickstart_cfg(**{"MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON": semantic})).train()
+    model = build_model(small_cfg(**{"MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON": semantic})).train()
     inputs = [{"image": _image(96, 128, i), "instances": _empty_instances(96, 128)} for i in range(2)]
     losses = _train_step(model, inputs)
     expected = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask"} | ({"loss_sem"} if semantic else set())
@@ -51,7 +51,7 @@ def test_batch_without_instances_trains(semantic):
 
 
 def test_half_empty_batch_trains():
-    model = build_model(quickstart_cfg()).train()
+    model = build_model(small_cfg()).train()
     inputs = [
         {"image": _image(96, 128, 0), "instances": synthetic_instances(96, 128, [[10, 12, 70, 80], [60, 20, 120, 60]], [1, 2])},
         {"image": _image(64, 96, 1), "instances": _empty_instances(64, 96)},
@@ -63,7 +63,7 @@ def test_half_empty_batch_trains():
 
 
 def test_eval_on_cpu_resizes_to_requested_output():
-    model = build_model(quickstart_cfg(**{"MODEL.FCOS.INFERENCE_TH_TEST": 0.0})).eval()
+    model = build_model(small_cfg(**{"MODEL.FCOS.INFERENCE_TH_TEST": 0.0})).eval()
     with torch.no_grad():
         out = model([{"image": _image(120, 160), "height": 240, "width": 320}])[0]["instances"]
     assert out.image_size == (240, 320)
@@ -75,7 +75,7 @@ def test_eval_on_cpu_resizes_to_requested_output():
 
 
 def test_zero_detections():
-    model = build_model(quickstart_cfg(**{"MODEL.FCOS.INFERENCE_TH_TEST": 1.0})).eval()
+    model = build_model(small_cfg(**{"MODEL.FCOS.INFERENCE_TH_TEST": 1.0})).eval()
     with torch.no_grad():
         outputs = model([{"image": _image(100, 140)}, {"image": _image(64, 64, 1), "height": 32, "width": 32}])
     assert [len(o["instances"]) for o in outputs] == [0, 0]

@@ -5,7 +5,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-__all__ = ["build_fcos_resnet_fpn_backbone"]
+__all__ = ["build_fcos_resnet_fpn_backbone", "build_fcos_fpn"]
 
 
 @BACKBONE_REGISTRY.register()
@@ -20,6 +20,12 @@ def build_fcos_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
             "supported by build_fcos_resnet_fpn_backbone"
         )
     bottom_up = build_resnet_backbone(cfg, input_shape)
+    return build_fcos_fpn(cfg, bottom_up)
+
+
+def build_fcos_fpn(cfg, bottom_up: Backbone) -> FPN:
+    """FPN on cfg.MODEL.FPN.IN_FEATURES of `bottom_up`, plus cfg.MODEL.FCOS.TOP_LEVELS levels
+    computed from P5 (2: P6 and P7, 0: none)."""
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     top_levels = cfg.MODEL.FCOS.TOP_LEVELS
     if top_levels == 2:

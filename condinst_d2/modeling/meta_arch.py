@@ -205,7 +205,10 @@ class CondInst(nn.Module):
         h, w = padded_size
         for gt in gt_instances:
             if not gt.has("gt_masks"):
-                raise ValueError("CondInst needs gt_masks in training instances (set MODEL.MASK_ON)")
+                if len(gt) > 0:
+                    raise ValueError("CondInst needs gt_masks in training instances (set MODEL.MASK_ON)")
+                # Detectron2's mapper leaves gt_masks out for an image without annotations.
+                gt.gt_masks = PolygonMasks([])
             masks = gt.gt_masks
             if isinstance(masks, PolygonMasks):
                 full = [polygons_to_bitmask(p, h, w) for p in masks.polygons]

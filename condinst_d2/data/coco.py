@@ -1,0 +1,47 @@
+"""Registering a COCO-format instance segmentation dataset given on the command line."""
+import json
+import os
+from typing import Tuple
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+
+__all__ = ["register_coco_dataset"]
+
+
+def _read_coco_categories(json_file: str) -> list:
+    """The categories of a COCO instance JSON, after checking that it is one."""
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"dataset annotation file {json_file!r} does not exist")
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_file!r} is not valid JSON: {e}") from e
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k) if isinstance(data, dict) else None, list)]
+    if missing:
+        raise ValueError(f"{json_file!r} is not a COCO instance JSON: no list {missing}")
+    if not data["images"]:
+        raise ValueError(f"{json_file!r} has no images")
+    if not data["categories"]:
+        raise ValueError(f"{json_file!r} has no categories")
+    return sorted(data["categories"], key=lambda c: c["id"])
+
+
+def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple[str, int]:
+    """Registers `json_file` + `image_root` (once per process) under a name starting with `prefix`.
+
+    Returns:
+        (dataset name, number of categories). The class names come from the JSON's categories.
+    """
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"dataset image folder {image_root!r} does not exist")
+    categories = _read_coco_categories(json_file)
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    name = f"{prefix}:{json_file}"
+    if name not in DatasetCatalog.list():
+        register_coco_instances(name, {}, json_file, image_root)
+        MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
+    elif MetadataCatalog.get(name).image_root != image_root:
+        raise ValueError(f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}")
+    return name, len(categories)

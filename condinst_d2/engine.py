@@ -1,0 +1,84 @@
+"""Training and evaluation on top of Detectron2's DefaultTrainer, shared by train_net.py and the
+quick-start."""
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+
+from .config import add_condinst_config
+from .data import register_coco_dataset
+
+__all__ = ["Trainer", "build_cfg", "enable_cpu_ddp"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCOEvaluator (bbox and segm) for every test set."""
+
+    def train(self):
+        """Trains; returns the results of the evaluation that ends training (None without one).
+
+        DefaultTrainer returns them only when TEST.EXPECTED_RESULTS is set.
+        """
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+
+def enable_cpu_ddp() -> None:
+    """Lets DefaultTrainer wrap a CPU model in DistributedDataParallel (gloo processes).
+
+    Detectron2 passes the process's GPU index as DDP's device_ids, which DDP rejects for a CPU
+    module; for those, device_ids must be None.
+    """
+    create = d2_defaults.create_ddp_model
+    if getattr(create, "handles_cpu", False):
+        return
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+            logger.info("DistributedDataParallel over %d CPU processes (gloo)", comm.get_world_size())
+        return create(model, **kwargs)
+
+    create_ddp_model.handles_cpu = True
+    d2_defaults.create_ddp_model = create_ddp_model
+
+
+def build_cfg(
+    config_file: str,
+    opts: Sequence[str] = (),
+    train_dataset: Optional[Sequence[str]] = None,
+    test_dataset: Optional[Sequence[str]] = None,
+) -> CfgNode:
+    """The frozen config of a run.
+
+    Args:
+        train_dataset, test_dataset: (COCO JSON, image folder) to register and use; they set
+            MODEL.FCOS.NUM_CLASSES (and the class names) from the JSON.
+    Without CUDA, a config asking for a GPU runs on the CPU.
+    """
+    cfg = get_cfg()
+    add_condinst_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    for prefix, dataset, key in (("train", train_dataset, "TRAIN"), ("test", test_dataset, "TEST")):
+        if dataset:
+            name, num_classes = register_coco_dataset(prefix, *dataset)
+            cfg.DATASETS[key] = (name,)
+            cfg.MODEL.FCOS.NUM_CLASSES = num_classes
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg

@@ -1,0 +1,155 @@
+"""train_net.py and the training pipeline: datasets from the command line, 2 CPU processes over
+gloo, the data mapper on unusual images, learning on real photos, eval-only on real COCO images."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import build_model
+
+from condinst_d2.data import register_coco_dataset, write_coco_split
+from condinst_d2.engine import Trainer, build_cfg
+from conftest import ROOT, SHARED
+
+SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
+EFFICIENTNET = str(ROOT / "configs" / "CondInst" / "EfficientNetLite0_CPU.yaml")
+FRUITS = SHARED / "datasets" / "fruits_nuts" / "data"
+COCO_SUBSET = SHARED / "datasets" / "coco_val2017_subset"
+
+
+def _train_net(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_net.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    train = write_coco_split(str(root), "train", 8, (128, 160), seed=0)
+    test = write_coco_split(str(root), "test", 4, (128, 160), seed=1)
+    return (train, str(root / "train")), (test, str(root / "test"))
+
+
+def test_two_cpu_processes_train_with_ddp_and_evaluate(shapes, tmp_path):
+    (train_json, train_dir), (test_json, test_dir) = shapes
+    result = _train_net(
+        "--num-gpus", 2, "--config-file", SMALL, "--train-dataset", train_json, train_dir,
+        "--test-dataset", test_json, test_dir, "SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4,
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", 128, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0,
+        "OUTPUT_DIR", tmp_path,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "World size: 2" in log
+    assert "DistributedDataParallel over 2 CPU processes (gloo)" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "model_final.pth").is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    trained = [m["iteration"] for m in metrics if "total_loss" in m]
+    assert max(trained) == 2 and all(np.isfinite(m["total_loss"]) for m in metrics if "total_loss" in m)
+    assert re.search(r"Total inference time: .* on 2 devices", log)
+    assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
+    # The class names come from the JSON.
+    assert "circle" in log and "triangle" in log
+
+
+def test_dataset_arguments_fail_clearly(tmp_path):
+    missing = tmp_path / "missing.json"
+    result = _train_net("--config-file", SMALL, "--train-dataset", missing, tmp_path, timeout=120)
+    assert result.returncode != 0 and "missing.json" in result.stderr and "does not exist" in result.stderr
+    not_coco = tmp_path / "not_coco.json"
+    not_coco.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="not_coco.json.*not a COCO instance JSON"):
+        register_coco_dataset("t", str(not_coco), str(tmp_path))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match="broken.json.*not valid JSON"):
+        register_coco_dataset("t", str(broken), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no_images_here"):
+        register_coco_dataset("t", str(not_coco), str(tmp_path / "no_images_here"))
+
+
+def test_mapper_and_model_handle_crowd_only_and_unannotated_images(shapes, tmp_path):
+    (train_json, train_dir), _ = shapes
+    data = json.loads(open(train_json).read())
+    first, second, third = data["images"][:3]
+    keep = [a for a in data["annotations"] if a["image_id"] == first["id"]]
+    crowd_mask = np.zeros((128, 160), dtype=np.uint8, order="F")
+    crowd_mask[10:30, 10:30] = 1
+    rle = mask_util.encode(crowd_mask)
+    rle["counts"] = rle["counts"].decode()
+    crowd = {"id": 10_000, "image_id": second["id"], "category_id": 1, "iscrowd": 1, "area": 400.0,
+             "bbox": [10, 10, 20, 20], "segmentation": rle}
+    data.update(images=[first, second, third], annotations=keep + [crowd])
+    path = tmp_path / "unusual.json"
+    path.write_text(json.dumps(data))
+    cfg = build_cfg(SMALL, ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", False, "SOLVER.IMS_PER_BATCH", 3,
+                            "INPUT.MIN_SIZE_TRAIN", "(128,)"], train_dataset=(str(path), train_dir))
+    batch = next(iter(build_detection_train_loader(cfg)))
+    assert sorted(len(x["instances"]) for x in batch) == [0, 0, len(keep)]
+    model = build_model(cfg).train()
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_mask"].item() > 0
+
+
+@pytest.mark.skipif(not FRUITS.is_dir(), reason=f"fruits_nuts dataset not at {FRUITS}")
+def test_learns_on_real_photos_fruits_nuts(tmp_path):
+    """Fast version of the README's fruits_nuts run: the loss halves and segm AP exceeds 5."""
+    dataset = (str(FRUITS / "trainval.json"), str(FRUITS / "images"))
+    cfg = build_cfg(
+        EFFICIENTNET,
+        ["SOLVER.MAX_ITER", 160, "SOLVER.STEPS", "(120,)", "SOLVER.WARMUP_ITERS", 20, "SOLVER.BASE_LR", 0.02,
+         "INPUT.MIN_SIZE_TRAIN", "(320, 352, 384)", "INPUT.MIN_SIZE_TEST", 352, "DATALOADER.NUM_WORKERS", 0,
+         "OUTPUT_DIR", str(tmp_path)],
+        train_dataset=dataset, test_dataset=dataset,
+    )
+    torch.set_flush_denormal(True)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < first / 2, (first, last)
+    assert results["segm"]["AP"] > 5, results
+    assert results["bbox"]["AP"] > 5, results
+
+
+@pytest.mark.skipif(not COCO_SUBSET.is_dir(), reason=f"COCO val2017 subset not at {COCO_SUBSET}")
+def test_eval_only_on_real_coco_images_with_random_r50(tmp_path):
+    result = _train_net(
+        "--eval-only", "--config-file", ROOT / "configs" / "CondInst" / "MS_R_50_1x.yaml",
+        "--test-dataset", COCO_SUBSET / "annotations" / "instances_val2017_subset.json", COCO_SUBSET / "val2017",
+        "MODEL.WEIGHTS", "", "MODEL.FCOS.INFERENCE_TH_TEST", 0.0, "INPUT.MIN_SIZE_TEST", 224, "INPUT.MAX_SIZE_TEST", 352,
+        "OUTPUT_DIR", tmp_path,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "Start inference on 164 batches" in log
+    for task in ("bbox", "segm"):
+        assert f"Evaluation results for {task}" in log
+        assert re.search(rf"copypaste: Task: {task}\n.*\n.*copypaste: (\d+\.\d+,){{5}}\d+\.\d+", log)
+    assert (tmp_path / "inference" / "coco_instances_results.json").is_file() or any(tmp_path.rglob("coco_instances_results.json"))
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    args = ["--output", tmp_path, "--num-train", 8, "--num-test", 4, "--num-drawn", 2, "SOLVER.MAX_ITER", 4,
+            "SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", 128,
+            "MODEL.FCOS.INFERENCE_TH_TEST", 0.0]  # 4 iterations: keep every candidate to get AP tables
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "quickstart.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"bbox", "segm"} and "AP" in results["segm"]
+    assert (tmp_path / "model" / "model_final.pth").is_file()
+    drawn = sorted(tmp_path.glob("prediction_*.png"))
+    assert len(drawn) == 2 and all(p.stat().st_size > 1000 for p in drawn)
+    assert "Quick start done: held-out segm AP" in result.stdout
