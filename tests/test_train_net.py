@@ -105,8 +105,8 @@ def test_learns_on_real_photos_fruits_nuts(tmp_path):
     dataset = (str(FRUITS / "trainval.json"), str(FRUITS / "images"))
     cfg = build_cfg(
         EFFICIENTNET,
-        ["SOLVER.MAX_ITER", 160, "SOLVER.STEPS", "(120,)", "SOLVER.WARMUP_ITERS", 20, "SOLVER.BASE_LR", 0.02,
-         "INPUT.MIN_SIZE_TRAIN", "(320, 352, 384)", "INPUT.MIN_SIZE_TEST", 352, "DATALOADER.NUM_WORKERS", 0,
+        ["SOLVER.MAX_ITER", 100, "SOLVER.STEPS", "(80,)", "SOLVER.WARMUP_ITERS", 20,
+         "INPUT.MIN_SIZE_TRAIN", "(256, 288, 320)", "INPUT.MIN_SIZE_TEST", 288, "DATALOADER.NUM_WORKERS", 0,
          "OUTPUT_DIR", str(tmp_path)],
         train_dataset=dataset, test_dataset=dataset,
     )

@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""CondInst (condinst_d2) vs Detectron2's Mask R-CNN, side by side in one run.
+
+Both are R-50-FPN with random weights, on the same inputs and thread count; every timing is the
+median of repeats after warm-up, with the two models' runs interleaved. Reported as ratios
+(CondInst / Mask R-CNN):
+  1. end-to-end inference latency at 800x1216, with 100 detections each;
+  2. the mask stage alone for K = 1, 10, 50, 100 instances, and its per-instance slope:
+     CondInst: controller output -> dynamic head -> upsample -> paste/threshold at image size;
+     Mask R-CNN: ROIAlign -> mask head -> paste at image size;
+  3. one training iteration (forward, backward, SGD step) on the same 2-image batch;
+  4. peak memory of inference on a 2500x1800 image with 100 detections (separate processes);
+  and CondInst's latency against the time its FLOPs take at this machine's 3x3-conv throughput.
+
+    python tools/benchmark.py [--threads 2] [--repeats 5] [--plot bench.png] [--json out.json]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.layers import paste_masks_in_image
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.analysis import FlopCountAnalysis
+
+from condinst_d2 import add_condinst_config
+from condinst_d2.modeling.postprocessing import paste_masks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONDINST_CONFIG = os.path.join(ROOT, "configs", "CondInst", "MS_R_50_1x.yaml")
+MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+SIZE = (800, 1216)
+LARGE = (2500, 1800)
+DETECTIONS = 100
+
+
+def build(name: str) -> torch.nn.Module:
+    """A randomly initialised CPU model that keeps exactly its top 100 detections."""
+    cfg = get_cfg()
+    if name == "condinst":
+        add_condinst_config(cfg)
+        cfg.merge_from_file(CONDINST_CONFIG)
+        cfg.MODEL.FCOS.INFERENCE_TH_TEST = 0.0  # random weights: keep every candidate
+    else:
+        cfg.merge_from_file(model_zoo.get_config_file(MASK_RCNN_CONFIG))
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A (3, h, w) float image of smooth random blobs (0-255)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, h // 32, w // 32, generator=g)
+    return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")[0] * 255
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median seconds of each function, the functions' runs alternating."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.no_grad()
+def end_to_end(models, repeats: int) -> Dict[str, Dict[str, float]]:
+    inputs = [{"image": image(*SIZE)}]
+    counts = {k: len(m(inputs)[0]["instances"]) for k, m in models.items()}
+    times = interleaved({k: (lambda m=m: m(inputs)) for k, m in models.items()}, repeats)
+    return {k: {"seconds": times[k], "detections": counts[k]} for k in models}
+
+
+def _random_boxes(k: int, h: int, w: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(k)
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    wh = 32 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.2, h * 0.2])
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@torch.no_grad()
+def mask_stage_fns(condinst, mask_rcnn, k: int) -> Dict[str, Callable[[], object]]:
+    """The two mask stages for k instances on one 800x1216 image, from backbone features."""
+    x = image(*SIZE)
+    c_images = condinst.preprocess_image([{"image": x}])
+    c_feats = condinst.backbone(c_images.tensor)
+    mask_feats, _ = condinst.mask_branch(c_feats)
+    head = condinst.proposal_generator.fcos_head
+    towers = head([c_feats[f] for f in condinst.proposal_generator.in_features]).bbox_towers
+    p3 = towers[0]
+    g = torch.Generator().manual_seed(k)
+    loc_inds = torch.randint(0, p3.shape[2] * p3.shape[3], (k,), generator=g)
+    zeros = torch.zeros(k, dtype=torch.long)
+    stride = condinst.proposal_generator.strides[0]
+    w3 = p3.shape[3]
+    locations = torch.stack([(loc_inds % w3) * stride + stride // 2, (loc_inds // w3) * stride + stride // 2], 1).float()
+
+    def condinst_masks():
+        inst = Instances(c_images.tensor.shape[-2:], im_inds=zeros, fpn_levels=zeros, locations=locations)
+        inst.mask_head_params = head.controller_at(towers, zeros, zeros, loc_inds)
+        probs = condinst.mask_head(mask_feats, condinst.mask_branch.out_stride, inst).sigmoid()
+        return paste_masks(probs, c_images.tensor.shape[-2:], SIZE, SIZE)
+
+    m_images = mask_rcnn.preprocess_image([{"image": x}])
+    m_feats = mask_rcnn.backbone(m_images.tensor)
+    m_feats = [m_feats[f] for f in mask_rcnn.roi_heads.mask_in_features]
+    boxes = Boxes(_random_boxes(k, *SIZE))
+    classes = torch.randint(0, 80, (k,), generator=g)
+
+    def mask_rcnn_masks():
+        pooled = mask_rcnn.roi_heads.mask_pooler(m_feats, [boxes])
+        logits = mask_rcnn.roi_heads.mask_head.layers(pooled)
+        inst = Instances(SIZE, pred_boxes=boxes, pred_classes=classes)
+        mask_rcnn_inference(logits, [inst])
+        return paste_masks_in_image(inst.pred_masks[:, 0], boxes, SIZE, threshold=0.5)
+
+    return {"condinst": condinst_masks, "mask_rcnn": mask_rcnn_masks}
+
+
+def mask_stage(condinst, mask_rcnn, repeats: int) -> Dict[int, Dict[str, float]]:
+    with torch.no_grad():
+        return {k: interleaved(mask_stage_fns(condinst, mask_rcnn, k), repeats) for k in (1, 10, 50, 100)}
+
+
+def training_batch(h: int = 640, w: int = 960) -> List[Dict]:
+    """Two images with 8 box-shaped instances each (polygon masks)."""
+    from detectron2.structures import PolygonMasks
+
+    batch = []
+    for seed in range(2):
+        boxes = _random_boxes(8, h, w)
+        polys = [[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)] for x0, y0, x1, y1 in boxes.tolist()]
+        inst = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=torch.arange(8) % 80, gt_masks=PolygonMasks(polys))
+        batch.append({"image": image(h, w, seed), "instances": inst})
+    return batch
+
+
+def training_step(models, repeats: int) -> Dict[str, float]:
+    batch = training_batch()
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            losses = model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = interleaved(steps, repeats)
+    for model in models.values():
+        model.eval()
+    return times
+
+
+def conv_throughput(repeats: int) -> float:
+    """FLOP/s of a large 3x3 conv (256 -> 256 channels on 100x152), this machine's reference."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(1, 256, 100, 152)
+    with torch.no_grad():
+        seconds = median_time(lambda: conv(x), repeats)
+    return 2 * 256 * 256 * 9 * 100 * 152 / seconds
+
+
+@torch.no_grad()
+def flops(model) -> float:
+    analysis = FlopCountAnalysis(model, [{"image": image(*SIZE)}])
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    return 2 * analysis.total()  # fvcore counts multiply-adds
+
+
+def peak_memory(name: str) -> float:
+    """MiB of peak resident memory added by one inference on a 2500x1800 image (own process)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", name],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _memory_worker(name: str) -> None:
+    model = build(name)
+    x = image(*LARGE)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    with torch.no_grad():
+        detections = len(model([{"image": x}])[0]["instances"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak - before, "detections": detections}))
+
+
+def _row(name: str, condinst: float, mask_rcnn: float, unit: str = "s") -> str:
+    return f"| {name} | {condinst:.3f} {unit} | {mask_rcnn:.3f} {unit} | {condinst / mask_rcnn:.2f}x |"
+
+
+def report(r: Dict) -> str:
+    e2e, masks, train, mem = r["end_to_end"], r["mask_stage"], r["training"], r["peak_memory_mib"]
+    rows = [
+        "| measurement | CondInst | Mask R-CNN | CondInst / Mask R-CNN |",
+        "|---|---|---|---|",
+        _row(f"inference {SIZE[0]}x{SIZE[1]} ({e2e['condinst']['detections']} vs "
+             f"{e2e['mask_rcnn']['detections']} detections)", e2e["condinst"]["seconds"], e2e["mask_rcnn"]["seconds"]),
+    ]
+    for k, t in masks.items():
+        rows.append(_row(f"mask stage, K={k}", t["condinst"] * 1e3, t["mask_rcnn"] * 1e3, "ms"))
+    rows.append(_row("mask stage slope per instance", r["slope_ms"]["condinst"], r["slope_ms"]["mask_rcnn"], "ms"))
+    rows.append(_row("training iteration (2 images 640x960)", train["condinst"], train["mask_rcnn"]))
+    rows.append(_row(f"peak inference memory {LARGE[0]}x{LARGE[1]}", mem["condinst"], mem["mask_rcnn"], "MiB"))
+    hw = r["hardware"]
+    rows += [
+        "",
+        f"3x3 conv throughput: {hw['conv_gflops']:.0f} GFLOP/s; CondInst {hw['condinst_gflops']:.0f} GFLOPs "
+        f"-> {hw['condinst_gflops'] / hw['conv_gflops']:.2f} s at that rate; measured latency / that = "
+        f"{e2e['condinst']['seconds'] / (hw['condinst_gflops'] / hw['conv_gflops']):.2f} "
+        f"(Mask R-CNN: {hw['mask_rcnn_gflops']:.0f} GFLOPs, "
+        f"{e2e['mask_rcnn']['seconds'] / (hw['mask_rcnn_gflops'] / hw['conv_gflops']):.2f})",
+        f"threads: {r['threads']}, repeats: {r['repeats']}, torch {torch.__version__}",
+    ]
+    return "\n".join(rows)
+
+
+def plot(r: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(r["mask_stage"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, label in (("condinst", "CondInst"), ("mask_rcnn", "Mask R-CNN")):
+        ax.plot(ks, [r["mask_stage"][k][name] * 1e3 for k in ks], "o-", label=label)
+    ax.set(xlabel="instances", ylabel="mask stage (ms)", title=f"Mask stage at {SIZE[0]}x{SIZE[1]}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run(threads: int, repeats: int) -> Dict:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    models = {"condinst": build("condinst"), "mask_rcnn": build("mask_rcnn")}
+    r = {"threads": threads, "repeats": repeats}
+    r["end_to_end"] = end_to_end(models, repeats)
+    r["mask_stage"] = mask_stage(models["condinst"], models["mask_rcnn"], repeats)
+    r["slope_ms"] = {n: (r["mask_stage"][100][n] - r["mask_stage"][1][n]) / 99 * 1e3 for n in models}
+    r["training"] = training_step(models, max(3, repeats // 2))
+    r["hardware"] = {
+        "conv_gflops": conv_throughput(repeats) / 1e9,
+        "condinst_gflops": flops(models["condinst"]) / 1e9,
+        "mask_rcnn_gflops": flops(models["mask_rcnn"]) / 1e9,
+    }
+    r["peak_memory_mib"] = {n: peak_memory(n) for n in models}
+    return r
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both models")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement")
+    parser.add_argument("--plot", help="write a PNG of the mask stage times")
+    parser.add_argument("--json", help="write all measurements as JSON")
+    parser.add_argument("--memory-worker", choices=["condinst", "mask_rcnn"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_worker:
+        torch.set_num_threads(args.threads)
+        _memory_worker(args.memory_worker)
+        return 0
+    results = run(args.threads, args.repeats)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
