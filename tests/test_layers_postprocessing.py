@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
-from condinst_d2.modeling import postprocessing
 from condinst_d2.modeling.layers import aligned_bilinear, compute_locations
 from condinst_d2.modeling.mask_nms import mask_iou, mask_nms
 from condinst_d2.modeling.postprocessing import paste_masks, postprocess
@@ -86,16 +85,29 @@ def test_postprocess_scales_clips_drops_and_crops():
     assert torch.equal(masks[2], expected)
 
 
-def test_paste_masks_over_several_chunks_matches_per_mask_reference():
-    n = postprocessing.MASK_CHUNK + 5
-    assert postprocessing.MASK_CHUNK == 16
-    probs = torch.rand((n, 1, 4, 4), generator=torch.Generator().manual_seed(0))
-    out = paste_masks(probs, (16, 16), (14, 12), (20, 30))
-    assert out.shape == (n, 20, 30) and out.dtype == torch.bool
-    for i in range(n):
-        up = aligned_bilinear(probs[i : i + 1], 4)[:, :, :14, :12]
-        ref = F.interpolate(up, size=(20, 30), mode="bilinear", align_corners=False)[0, 0] > 0.5
-        assert torch.equal(out[i], ref), i
+def _paste_reference(probs, padded, image, output):
+    """The authors' step-by-step chain: aligned_bilinear, crop, bilinear resize, threshold."""
+    up = aligned_bilinear(probs, padded[0] // probs.shape[2])[:, :, : image[0], : image[1]]
+    return F.interpolate(up, size=output, mode="bilinear", align_corners=False)[:, 0] > 0.5
+
+
+@pytest.mark.parametrize(
+    "mask_size, factor, image, output",
+    [((4, 4), 4, (14, 12), (20, 30)), ((30, 40), 4, (117, 150), (117, 150)), ((25, 20), 2, (50, 37), (33, 70))],
+)
+def test_paste_masks_matches_step_by_step_reference(mask_size, factor, image, output):
+    """Only the rows/columns that reach a mask's above-threshold pixels are evaluated; the
+    result must still equal the full computation (smooth random masks, some all below or all
+    above the threshold)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand((21, 1, mask_size[0] // 3 + 1, mask_size[1] // 3 + 1), generator=g)
+    probs = F.interpolate(low, size=mask_size, mode="bilinear", align_corners=False)
+    probs[3], probs[5] = 0.2, 0.8
+    padded = (mask_size[0] * factor, mask_size[1] * factor)
+    out = paste_masks(probs, padded, image, output)
+    assert out.shape == (21, *output) and out.dtype == torch.bool
+    assert torch.equal(out, _paste_reference(probs, padded, image, output))
+    assert not out[3].any() and out[5].all()
 
 
 def test_paste_masks_rejects_non_tiling_size():

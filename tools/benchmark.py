@@ -4,12 +4,13 @@
 Both are R-50-FPN with random weights, on the same inputs and thread count; every timing is the
 median of repeats after warm-up, with the two models' runs interleaved. Reported as ratios
 (CondInst / Mask R-CNN):
-  1. end-to-end inference latency at 800x1216, with 100 detections each;
+  1. end-to-end inference latency at 800x1216 (--size), with 100 detections each;
   2. the mask stage alone for K = 1, 10, 50, 100 instances, and its per-instance slope:
      CondInst: controller output -> dynamic head -> upsample -> paste/threshold at image size;
      Mask R-CNN: ROIAlign -> mask head -> paste at image size;
-  3. one training iteration (forward, backward, SGD step) on the same 2-image batch;
-  4. peak memory of inference on a 2500x1800 image with 100 detections (separate processes);
+  3. one training iteration (forward, backward, SGD step) on the same 2-image batch of that size;
+  4. peak memory of inference on a 2500x1800 image (--large-size) with 100 detections, each model
+     in its own process;
   and CondInst's latency against the time its FLOPs take at this machine's 3x3-conv throughput.
 
     python tools/benchmark.py [--threads 2] [--repeats 5] [--plot bench.png] [--json out.json]
@@ -17,7 +18,6 @@ median of repeats after warm-up, with the two models' runs interleaved. Reported
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +33,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.analysis import FlopCountAnalysis
+from detectron2.utils.events import EventStorage
 
 from condinst_d2 import add_condinst_config
 from condinst_d2.modeling.postprocessing import paste_masks
@@ -40,8 +41,8 @@ from condinst_d2.modeling.postprocessing import paste_masks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONDINST_CONFIG = os.path.join(ROOT, "configs", "CondInst", "MS_R_50_1x.yaml")
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-SIZE = (800, 1216)
-LARGE = (2500, 1800)
+SIZE = (800, 1216)  # end-to-end and mask-stage input (H, W)
+LARGE = (2500, 1800)  # peak-memory input (H, W)
 DETECTIONS = 100
 
 
@@ -59,11 +60,37 @@ def build(name: str) -> torch.nn.Module:
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    # Random weights regress degenerate boxes (FCOS: zero size, dropped by postprocessing; Mask
+    # R-CNN: saturated deltas, i.e. near-identical boxes that NMS merges). Calibrating the box
+    # regressors gives both models real, varied boxes, so each keeps its top 100 detections.
     if name == "condinst":
-        # Random weights regress zero-size boxes, which postprocessing drops; a bias of 2 strides
-        # per side gives real boxes, so both models keep their top 100 detections.
         torch.nn.init.constant_(model.proposal_generator.fcos_head.bbox_pred.bias, 2.0)
+        _local_masks(model)
+    else:
+        for layer in (model.proposal_generator.rpn_head.anchor_deltas, model.roi_heads.box_predictor.bbox_pred):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
     return model
+
+
+def _local_masks(model) -> None:
+    """Makes every generated mask head compute logit = 4 - 10 * (|rel_x| + |rel_y|): a blob of
+    ~25 px around its location on P3, as trained masks are local (random heads cover the image).
+    The dynamic head still runs in full; only the controller's output is fixed."""
+    head = model.mask_head
+    if head.disable_rel_coords or len(head.weight_nums) != 3:
+        raise ValueError("the benchmark's mask calibration expects the default 3-layer head")
+    c_in, hidden = head.weight_nums[0] // head.bias_nums[0], head.bias_nums[0]
+    w0, w1, w2 = torch.zeros(hidden, c_in), torch.zeros(hidden, hidden), torch.zeros(1, hidden)
+    w0[0, 0], w0[1, 0], w0[2, 1], w0[3, 1] = 1, -1, 1, -1  # relu(+-rel_x), relu(+-rel_y)
+    w1[0, :4] = 1  # |rel_x| + |rel_y|
+    w2[0, 0] = -10
+    biases = [torch.zeros(hidden), torch.zeros(hidden), torch.tensor([4.0])]
+    params = torch.cat([w.flatten() for w in (w0, w1, w2)] + biases)
+    controller = model.proposal_generator.fcos_head.controller
+    torch.nn.init.zeros_(controller.weight)
+    with torch.no_grad():
+        controller.bias.copy_(params)
 
 
 def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -98,8 +125,8 @@ def interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str,
 
 
 @torch.no_grad()
-def end_to_end(models, repeats: int) -> Dict[str, Dict[str, float]]:
-    inputs = [{"image": image(*SIZE)}]
+def end_to_end(models, repeats: int, size) -> Dict[str, Dict[str, float]]:
+    inputs = [{"image": image(*size)}]
     counts = {k: len(m(inputs)[0]["instances"]) for k, m in models.items()}
     times = interleaved({k: (lambda m=m: m(inputs)) for k, m in models.items()}, repeats)
     return {k: {"seconds": times[k], "detections": counts[k]} for k in models}
@@ -113,9 +140,9 @@ def _random_boxes(k: int, h: int, w: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mask_stage_fns(condinst, mask_rcnn, k: int) -> Dict[str, Callable[[], object]]:
-    """The two mask stages for k instances on one 800x1216 image, from backbone features."""
-    x = image(*SIZE)
+def mask_stage_fns(condinst, mask_rcnn, k: int, size) -> Dict[str, Callable[[], object]]:
+    """The two mask stages for k instances on one image of `size`, from backbone features."""
+    x = image(*size)
     c_images = condinst.preprocess_image([{"image": x}])
     c_feats = condinst.backbone(c_images.tensor)
     mask_feats, _ = condinst.mask_branch(c_feats)
@@ -133,30 +160,30 @@ def mask_stage_fns(condinst, mask_rcnn, k: int) -> Dict[str, Callable[[], object
         inst = Instances(c_images.tensor.shape[-2:], im_inds=zeros, fpn_levels=zeros, locations=locations)
         inst.mask_head_params = head.controller_at(towers, zeros, zeros, loc_inds)
         probs = condinst.mask_head(mask_feats, condinst.mask_branch.out_stride, inst).sigmoid()
-        return paste_masks(probs, c_images.tensor.shape[-2:], SIZE, SIZE)
+        return paste_masks(probs, c_images.tensor.shape[-2:], size, size)
 
     m_images = mask_rcnn.preprocess_image([{"image": x}])
     m_feats = mask_rcnn.backbone(m_images.tensor)
     m_feats = [m_feats[f] for f in mask_rcnn.roi_heads.mask_in_features]
-    boxes = Boxes(_random_boxes(k, *SIZE))
+    boxes = Boxes(_random_boxes(k, *size))
     classes = torch.randint(0, 80, (k,), generator=g)
 
     def mask_rcnn_masks():
         pooled = mask_rcnn.roi_heads.mask_pooler(m_feats, [boxes])
         logits = mask_rcnn.roi_heads.mask_head.layers(pooled)
-        inst = Instances(SIZE, pred_boxes=boxes, pred_classes=classes)
+        inst = Instances(size, pred_boxes=boxes, pred_classes=classes)
         mask_rcnn_inference(logits, [inst])
-        return paste_masks_in_image(inst.pred_masks[:, 0], boxes, SIZE, threshold=0.5)
+        return paste_masks_in_image(inst.pred_masks[:, 0], boxes, size, threshold=0.5)
 
     return {"condinst": condinst_masks, "mask_rcnn": mask_rcnn_masks}
 
 
-def mask_stage(condinst, mask_rcnn, repeats: int) -> Dict[int, Dict[str, float]]:
+def mask_stage(condinst, mask_rcnn, repeats: int, size) -> Dict[int, Dict[str, float]]:
     with torch.no_grad():
-        return {k: interleaved(mask_stage_fns(condinst, mask_rcnn, k), repeats) for k in (1, 10, 50, 100)}
+        return {k: interleaved(mask_stage_fns(condinst, mask_rcnn, k, size), repeats) for k in (1, 10, 50, 100)}
 
 
-def training_batch(h: int = 640, w: int = 960) -> List[Dict]:
+def training_batch(h: int, w: int) -> List[Dict]:
     """Two images with 8 box-shaped instances each (polygon masks)."""
     from detectron2.structures import PolygonMasks
 
@@ -169,12 +196,13 @@ def training_batch(h: int = 640, w: int = 960) -> List[Dict]:
     return batch
 
 
-def training_step(models, repeats: int) -> Dict[str, float]:
-    batch = training_batch()
+def training_step(models, repeats: int, size) -> Dict[str, float]:
+    batch = training_batch(*size)
     steps = {}
     for name, model in models.items():
         model.train()
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        # lr 0: random weights would diverge; the step still runs (and is timed) in full.
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
 
         def step(model=model, optimizer=optimizer):
             losses = model(batch)
@@ -183,47 +211,58 @@ def training_step(models, repeats: int) -> Dict[str, float]:
             optimizer.step()
 
         steps[name] = step
-    times = interleaved(steps, repeats)
+    with EventStorage():  # Mask R-CNN logs training statistics there
+        times = interleaved(steps, repeats)
     for model in models.values():
         model.eval()
     return times
 
 
 def conv_throughput(repeats: int) -> float:
-    """FLOP/s of a large 3x3 conv (256 -> 256 channels on 100x152), this machine's reference."""
+    """FLOP/s of a large 3x3 conv (256 -> 256 channels on 100x152) in its faster memory layout:
+    this machine's reference rate."""
     conv = torch.nn.Conv2d(256, 256, 3, padding=1)
     x = torch.randn(1, 256, 100, 152)
     with torch.no_grad():
-        seconds = median_time(lambda: conv(x), repeats)
+        seconds = min(
+            median_time(lambda: conv(x), repeats),
+            median_time(lambda: conv(x.contiguous(memory_format=torch.channels_last)), repeats),
+        )
     return 2 * 256 * 256 * 9 * 100 * 152 / seconds
 
 
 @torch.no_grad()
-def flops(model) -> float:
-    analysis = FlopCountAnalysis(model, [{"image": image(*SIZE)}])
+def flops(model, size) -> float:
+    analysis = FlopCountAnalysis(model, [{"image": image(*size)}])
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     return 2 * analysis.total()  # fvcore counts multiply-adds
 
 
-def peak_memory(name: str) -> float:
-    """MiB of peak resident memory added by one inference on a 2500x1800 image (own process)."""
+def peak_memory(name: str, size) -> float:
+    """MiB of peak resident memory added by one inference on an image of `size` (own process)."""
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", name],
+        [sys.executable, __file__, "--memory-worker", name, "--large-size", *map(str, size)],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def _memory_worker(name: str) -> None:
+def _resident_mib(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS: now, VmHWM: peak of this process image)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _memory_worker(name: str, size) -> None:
+    # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across fork + exec.
     model = build(name)
-    x = image(*LARGE)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    x = image(*size)
+    before = _resident_mib("VmRSS")
     with torch.no_grad():
         detections = len(model([{"image": x}])[0]["instances"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak - before, "detections": detections}))
+    print(json.dumps({"peak_mib": _resident_mib("VmHWM") - before, "detections": detections}))
 
 
 def _row(name: str, condinst: float, mask_rcnn: float, unit: str = "s") -> str:
@@ -232,17 +271,18 @@ def _row(name: str, condinst: float, mask_rcnn: float, unit: str = "s") -> str:
 
 def report(r: Dict) -> str:
     e2e, masks, train, mem = r["end_to_end"], r["mask_stage"], r["training"], r["peak_memory_mib"]
+    size, large = r["size"], r["large_size"]
     rows = [
         "| measurement | CondInst | Mask R-CNN | CondInst / Mask R-CNN |",
         "|---|---|---|---|",
-        _row(f"inference {SIZE[0]}x{SIZE[1]} ({e2e['condinst']['detections']} vs "
+        _row(f"inference {size[0]}x{size[1]} ({e2e['condinst']['detections']} vs "
              f"{e2e['mask_rcnn']['detections']} detections)", e2e["condinst"]["seconds"], e2e["mask_rcnn"]["seconds"]),
     ]
     for k, t in masks.items():
         rows.append(_row(f"mask stage, K={k}", t["condinst"] * 1e3, t["mask_rcnn"] * 1e3, "ms"))
     rows.append(_row("mask stage slope per instance", r["slope_ms"]["condinst"], r["slope_ms"]["mask_rcnn"], "ms"))
-    rows.append(_row("training iteration (2 images 640x960)", train["condinst"], train["mask_rcnn"]))
-    rows.append(_row(f"peak inference memory {LARGE[0]}x{LARGE[1]}", mem["condinst"], mem["mask_rcnn"], "MiB"))
+    rows.append(_row(f"training iteration (2 images {size[0]}x{size[1]})", train["condinst"], train["mask_rcnn"]))
+    rows.append(_row(f"peak inference memory {large[0]}x{large[1]}", mem["condinst"], mem["mask_rcnn"], "MiB"))
     hw = r["hardware"]
     rows += [
         "",
@@ -266,27 +306,35 @@ def plot(r: Dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, label in (("condinst", "CondInst"), ("mask_rcnn", "Mask R-CNN")):
         ax.plot(ks, [r["mask_stage"][k][name] * 1e3 for k in ks], "o-", label=label)
-    ax.set(xlabel="instances", ylabel="mask stage (ms)", title=f"Mask stage at {SIZE[0]}x{SIZE[1]}")
+    ax.set(xlabel="instances", ylabel="mask stage (ms)", title=f"Mask stage at {r['size'][0]}x{r['size'][1]}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def run(threads: int, repeats: int) -> Dict:
+def _progress(what: str, value) -> None:
+    print(f"[benchmark] {what}: {json.dumps(value)}", file=sys.stderr, flush=True)
+
+
+def run(threads: int, repeats: int, size=SIZE, large_size=LARGE) -> Dict:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     models = {"condinst": build("condinst"), "mask_rcnn": build("mask_rcnn")}
-    r = {"threads": threads, "repeats": repeats}
-    r["end_to_end"] = end_to_end(models, repeats)
-    r["mask_stage"] = mask_stage(models["condinst"], models["mask_rcnn"], repeats)
+    r = {"threads": threads, "repeats": repeats, "size": list(size), "large_size": list(large_size)}
+    r["end_to_end"] = end_to_end(models, repeats, size)
+    _progress("end to end", r["end_to_end"])
+    r["mask_stage"] = mask_stage(models["condinst"], models["mask_rcnn"], repeats, size)
     r["slope_ms"] = {n: (r["mask_stage"][100][n] - r["mask_stage"][1][n]) / 99 * 1e3 for n in models}
-    r["training"] = training_step(models, max(3, repeats // 2))
+    _progress("mask stage", r["mask_stage"])
+    r["training"] = training_step(models, max(3, repeats // 2), size)
+    _progress("training", r["training"])
     r["hardware"] = {
         "conv_gflops": conv_throughput(repeats) / 1e9,
-        "condinst_gflops": flops(models["condinst"]) / 1e9,
-        "mask_rcnn_gflops": flops(models["mask_rcnn"]) / 1e9,
+        "condinst_gflops": flops(models["condinst"], size) / 1e9,
+        "mask_rcnn_gflops": flops(models["mask_rcnn"], size) / 1e9,
     }
-    r["peak_memory_mib"] = {n: peak_memory(n) for n in models}
+    _progress("hardware", r["hardware"])
+    r["peak_memory_mib"] = {n: peak_memory(n, large_size) for n in models}
     return r
 
 
@@ -296,13 +344,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement")
     parser.add_argument("--plot", help="write a PNG of the mask stage times")
     parser.add_argument("--json", help="write all measurements as JSON")
+    parser.add_argument("--size", type=int, nargs=2, default=SIZE, metavar=("H", "W"), help="inference input")
+    parser.add_argument("--large-size", type=int, nargs=2, default=LARGE, metavar=("H", "W"), help="peak-memory input")
     parser.add_argument("--memory-worker", choices=["condinst", "mask_rcnn"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
         torch.set_num_threads(args.threads)
-        _memory_worker(args.memory_worker)
+        _memory_worker(args.memory_worker, args.large_size)
         return 0
-    results = run(args.threads, args.repeats)
+    results = run(args.threads, args.repeats, tuple(args.size), tuple(args.large_size))
     print(report(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,18 +1,69 @@
 """From network outputs on the padded batch to detections at each input's original size.
 
 Shape shorthand: D: detections of one image, Hp x Wp: padded batch size, hm x wm: mask size
-(Hp / MASK_OUT_STRIDE), h x w: the image's size in the batch, H x W: requested output size.
+(Hp / f, f = MASK_OUT_STRIDE), h x w: the image's size in the batch, H x W: requested output size.
+
+The authors' mask postprocessing is: `aligned_bilinear` by f to the padded size, crop (h, w),
+bilinear resize (align_corners=False) to (H, W), threshold. Each step is separable and linear
+with non-negative weights summing to 1, so every output pixel is a convex combination of (at most)
+4 x 4 mask pixels: `_Taps` holds those rows/columns and weights, computed once per image. An
+output pixel can only exceed the threshold if one of its mask pixels does, so each mask is
+evaluated only over the output rows and columns that reach its above-threshold pixels; the rest
+is False. Same values as the step-by-step computation up to float rounding, without any
+full-resolution float mask.
 """
+from typing import NamedTuple, Tuple
+
 import torch
-import torch.nn.functional as F
 from detectron2.structures import Instances
 
-from .layers import aligned_bilinear
+__all__ = ["paste_masks", "postprocess"]
 
-__all__ = ["postprocess"]
 
-# Instances whose masks are resized together; bounds the memory of the full-resolution floats.
-MASK_CHUNK = 16
+class _Taps(NamedTuple):
+    """Per output row (or column): 4 mask indices (n, 4) and their weights (n, 4)."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+
+
+def _lerp_taps(src: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps of fractional source positions `src` (n,) on an axis of `size` samples."""
+    i0 = src.floor().long().clamp(max=size - 1)
+    i1 = (i0 + 1).clamp(max=size - 1)
+    frac = (src - i0).clamp(min=0, max=1)
+    return i0, i1, frac
+
+
+def _axis_taps(mask_len: int, factor: int, image_len: int, output_len: int, device) -> _Taps:
+    """The 4 mask samples behind each output row of the aligned-upsample / crop / resize chain."""
+    # Resize image_len -> output_len, align_corners=False (as F.interpolate).
+    out = torch.arange(output_len, dtype=torch.float64, device=device)
+    src = ((out + 0.5) * (image_len / output_len) - 0.5).clamp(min=0)
+    r0, r1, fr = _lerp_taps(src, image_len)
+    # aligned_bilinear: image row i samples mask position max(i - factor // 2, 0) / factor,
+    # the mask being replicate-padded at the end.
+    def mask_taps(rows):
+        return _lerp_taps((rows - factor // 2).clamp(min=0).double() / factor, mask_len)
+
+    a0, a1, fa = mask_taps(r0)
+    b0, b1, fb = mask_taps(r1)
+    index = torch.stack([a0, a1, b0, b1], dim=1)
+    weight = torch.stack([(1 - fr) * (1 - fa), (1 - fr) * fa, fr * (1 - fb), fr * fb], dim=1)
+    return _Taps(index, weight.float())
+
+
+def _reach(taps: _Taps, lo: int, hi: int) -> Tuple[int, int]:
+    """[start, stop) of the output positions whose taps (with weight > 0) touch mask [lo, hi]."""
+    touches = ((taps.index >= lo) & (taps.index <= hi) & (taps.weight > 0)).any(dim=1)
+    where = torch.nonzero(touches).squeeze(1)
+    return (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
+
+
+def _evaluate(probs: torch.Tensor, rows: _Taps, cols: _Taps) -> torch.Tensor:
+    """Output values (n_rows, n_cols) of one (hm, wm) mask at the given rows and columns."""
+    row_mix = (probs[rows.index] * rows.weight[:, :, None]).sum(dim=1)  # (n_rows, wm)
+    return (row_mix[:, cols.index] * cols.weight[None]).sum(dim=2)
 
 
 def paste_masks(
@@ -22,21 +73,27 @@ def paste_masks(
     output_size: tuple,
     threshold: float = 0.5,
 ) -> torch.Tensor:
-    """(D, 1, hm, wm) probabilities on the padded canvas -> (D, H, W) bool masks.
-
-    Upsamples to the padded size with `aligned_bilinear`, crops the image's own (h, w), resizes
-    bilinearly (align_corners=False) to the output size and thresholds. Works on MASK_CHUNK
-    instances at a time, so no float mask of every instance exists at full resolution at once.
-    """
-    factor = padded_size[0] // mask_probs.shape[2]
-    if factor * mask_probs.shape[2] != padded_size[0] or factor * mask_probs.shape[3] != padded_size[1]:
-        raise ValueError(f"masks of size {tuple(mask_probs.shape[2:])} do not tile {tuple(padded_size)}")
-    out = torch.empty((len(mask_probs), *output_size), dtype=torch.bool, device=mask_probs.device)
-    for start in range(0, len(mask_probs), MASK_CHUNK):
-        chunk = aligned_bilinear(mask_probs[start : start + MASK_CHUNK], factor)
-        chunk = chunk[:, :, : image_size[0], : image_size[1]]
-        chunk = F.interpolate(chunk, size=output_size, mode="bilinear", align_corners=False)
-        out[start : start + MASK_CHUNK] = chunk[:, 0] > threshold
+    """(D, 1, hm, wm) probabilities on the padded canvas -> (D, H, W) bool masks."""
+    hm, wm = mask_probs.shape[2:]
+    factor = padded_size[0] // hm
+    if factor * hm != padded_size[0] or factor * wm != padded_size[1]:
+        raise ValueError(f"masks of size {(hm, wm)} do not tile {tuple(padded_size)}")
+    out = torch.zeros((len(mask_probs), *output_size), dtype=torch.bool, device=mask_probs.device)
+    if len(mask_probs) == 0:
+        return out
+    rows = _axis_taps(hm, factor, image_size[0], output_size[0], mask_probs.device)
+    cols = _axis_taps(wm, factor, image_size[1], output_size[1], mask_probs.device)
+    above = mask_probs[:, 0] > threshold
+    row_any, col_any = above.any(dim=2), above.any(dim=1)
+    for d in torch.nonzero(row_any.any(dim=1)).squeeze(1).tolist():
+        r = torch.nonzero(row_any[d]).squeeze(1)
+        c = torch.nonzero(col_any[d]).squeeze(1)
+        y0, y1 = _reach(rows, int(r[0]), int(r[-1]))
+        x0, x1 = _reach(cols, int(c[0]), int(c[-1]))
+        if y1 > y0 and x1 > x0:
+            region_rows = _Taps(rows.index[y0:y1], rows.weight[y0:y1])
+            region_cols = _Taps(cols.index[x0:x1], cols.weight[x0:x1])
+            out[d, y0:y1, x0:x1] = _evaluate(mask_probs[d, 0], region_rows, region_cols) > threshold
     return out
 
 
