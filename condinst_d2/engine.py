@@ -11,6 +11,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
+from .checkpoint import make_saves_atomic
 from .config import add_condinst_config
 from .data import register_coco_dataset
 
@@ -20,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCOEvaluator (bbox and segm) for every test set."""
+    """DefaultTrainer with COCOEvaluator (bbox and segm) for every test set, whose checkpoints
+    (`model_*.pth`, `last_checkpoint`) are written atomically."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        make_saves_atomic(self.checkpointer)  # the periodic-checkpoint hook shares this object
 
     def train(self):
         """Trains; returns the results of the evaluation that ends training (None without one).
