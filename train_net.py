@@ -9,12 +9,12 @@
 On a machine without CUDA, --num-gpus N runs N CPU processes over gloo.
 """
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.engine import Trainer, build_cfg, enable_cpu_ddp
 
 
@@ -28,7 +28,7 @@ def main(args):
         torch.set_flush_denormal(True)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        CondInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
         return results

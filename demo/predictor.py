@@ -9,11 +9,12 @@ from typing import List, Sequence
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
+
+from condinst_d2.checkpoint import CondInstCheckpointer
 
 __all__ = ["BatchPredictor"]
 
@@ -29,7 +30,7 @@ class BatchPredictor:
         """
         self.model = build_model(cfg).eval()
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            CondInstCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         min_size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
         # Detectron2's convention: MIN_SIZE_TEST 0 disables test-time resizing.
         self.resize = T.ResizeShortestEdge([min_size, min_size], max_size) if min_size > 0 else None

@@ -25,6 +25,13 @@ def _read_coco_categories(json_file: str) -> list:
         raise ValueError(f"{json_file!r} has no images")
     if not data["categories"]:
         raise ValueError(f"{json_file!r} has no categories")
+    known = {c["id"] for c in data["categories"]}
+    unknown = sorted({a.get("category_id") for a in data["annotations"]} - known, key=str)
+    if unknown:
+        raise ValueError(
+            f"{json_file!r}: annotations use category ids {unknown[:10]} that are not in its "
+            f"'categories' (ids {sorted(known)[:10]}{'...' if len(known) > 10 else ''})"
+        )
     return sorted(data["categories"], key=lambda c: c["id"])
 
 

@@ -60,10 +60,21 @@ def _reach(taps: _Taps, lo: int, hi: int) -> Tuple[int, int]:
     return (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
 
 
-def _evaluate(probs: torch.Tensor, rows: _Taps, cols: _Taps) -> torch.Tensor:
-    """Output values (n_rows, n_cols) of one (hm, wm) mask at the given rows and columns."""
+# Output pixels evaluated at once: bounds the temporary floats (x 4 taps) of one large mask.
+_BLOCK_PIXELS = 1 << 20
+
+
+def _evaluate(probs: torch.Tensor, rows: _Taps, cols: _Taps, threshold: float) -> torch.Tensor:
+    """Thresholded output (n_rows, n_cols) of one (hm, wm) mask at the given rows and columns,
+    computed in blocks of rows."""
     row_mix = (probs[rows.index] * rows.weight[:, :, None]).sum(dim=1)  # (n_rows, wm)
-    return (row_mix[:, cols.index] * cols.weight[None]).sum(dim=2)
+    step = max(1, _BLOCK_PIXELS // len(cols.index))
+    return torch.cat(
+        [
+            (row_mix[i : i + step, cols.index] * cols.weight[None]).sum(dim=2) > threshold
+            for i in range(0, len(row_mix), step)
+        ]
+    )
 
 
 def paste_masks(
@@ -93,7 +104,7 @@ def paste_masks(
         if y1 > y0 and x1 > x0:
             region_rows = _Taps(rows.index[y0:y1], rows.weight[y0:y1])
             region_cols = _Taps(cols.index[x0:x1], cols.weight[x0:x1])
-            out[d, y0:y1, x0:x1] = _evaluate(mask_probs[d, 0], region_rows, region_cols) > threshold
+            out[d, y0:y1, x0:x1] = _evaluate(mask_probs[d, 0], region_rows, region_cols, threshold)
     return out
 
 

@@ -1,0 +1,82 @@
+"""A DetectionCheckpointer that fails clearly on unreadable files and on checkpoints of other models.
+
+`DetectionCheckpointer.load` reports a truncated or corrupt file with torch's message, which does
+not name the file, and loads a checkpoint of an unrelated model (no key in common) with warnings
+only, leaving every weight at its random initialization. `CondInstCheckpointer` turns both into a
+`ValueError` naming the file. Partial overlaps (ImageNet backbone weights into a detector) and shape
+mismatches (fine-tuning with another number of classes) keep Detectron2's warnings.
+"""
+import errno
+import os
+from typing import Any, Dict, Iterable, List
+from urllib.parse import urlparse
+
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _IncompatibleKeys
+
+__all__ = ["CondInstCheckpointer"]
+
+_SHOWN_KEYS = 5
+
+
+def _preview(keys: Iterable[str]) -> str:
+    """The first few `keys`, sorted, with a count of the rest."""
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:_SHOWN_KEYS])
+    rest = len(keys) - _SHOWN_KEYS
+    return f"[{shown}{f', ... ({rest} more)' if rest > 0 else ''}]"
+
+
+class CondInstCheckpointer(DetectionCheckpointer):
+    """Same as `DetectionCheckpointer`, with clear errors for files it cannot use.
+
+    Raises (from `load` / `resume_or_load`):
+        FileNotFoundError: a local checkpoint path that does not exist.
+        ValueError: a file that cannot be read (truncated, corrupt, not a checkpoint), or whose
+            weights share no parameter with the model.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loading_file = ""
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """Loads `path` like `DetectionCheckpointer.load`; an empty path loads nothing."""
+        if path and "://" not in path:
+            local = urlparse(path)._replace(query="").geturl()
+            if not os.path.isfile(local):
+                raise FileNotFoundError(errno.ENOENT, "checkpoint not found", local)
+        return super().load(path, *args, **kwargs)
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        """Reads `filename` like Detectron2, wrapping any read failure in a ValueError naming it."""
+        self._loading_file = filename
+        try:
+            return super()._load_file(filename)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # torch, zipfile and pickle raise many unrelated types
+            raise ValueError(f"cannot read checkpoint {filename!r}: {e}") from e
+
+    def _load_model(self, checkpoint: Any) -> _IncompatibleKeys:
+        """Loads the weights like Detectron2; raises ValueError if none belongs to the model."""
+        file_keys = list(checkpoint.get("model", {}).keys()) if isinstance(checkpoint, dict) else []
+        incompatible = super()._load_model(checkpoint)
+        self._check_some_weights_loaded(incompatible, file_keys)
+        return incompatible
+
+    def _check_some_weights_loaded(self, incompatible: _IncompatibleKeys, file_keys: List[str]) -> None:
+        """Raises ValueError if every model parameter is missing from the checkpoint.
+
+        Parameters skipped for a shape mismatch count as present: the file is of this model.
+        """
+        params = [name for name, _ in self.model.named_parameters()]
+        present = set(params) - set(incompatible.missing_keys)
+        present |= {key for key, _, _ in incompatible.incorrect_shapes}
+        if not params or present:
+            return
+        raise ValueError(
+            f"file {self._loading_file!r} holds no weights of this model: none of its "
+            f"{len(file_keys)} keys {_preview(file_keys)} matches one of the model's "
+            f"{len(params)} parameters {_preview(params)}"
+        )
