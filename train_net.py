@@ -8,24 +8,20 @@
 
 On a machine without CUDA, --num-gpus N runs N CPU processes over gloo.
 """
-import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from condinst_d2.checkpoint import CondInstCheckpointer
-from condinst_d2.engine import Trainer, build_cfg, enable_cpu_ddp
+from condinst_d2.engine import Trainer, build_cfg, configure_cpu_run
 
 
 def main(args):
     cfg = build_cfg(args.config_file, args.opts, args.train_dataset, args.test_dataset)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="condinst_d2")
-    if cfg.MODEL.DEVICE == "cpu":
-        enable_cpu_ddp()
-        # Denormal floats appear in the first iterations and make CPU steps up to 20x slower.
-        torch.set_flush_denormal(True)
+    configure_cpu_run(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         CondInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

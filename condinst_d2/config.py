@@ -53,7 +53,7 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.MAX_PROPOSALS = -1  # random subset of positives that train the mask head (-1 = all)
     _C.TOPK_PROPOSALS_PER_IM = -1  # per-image top-k positives by score (-1 = off)
     _C.MASK_NMS = False  # NMS on mask IoU instead of box IoU at inference (paper Table 5)
-    _C.CHANNELS_LAST = True  # inference in channels-last layout (faster convs; equal up to rounding)
+    _C.CHANNELS_LAST = True  # inference in channels-last layout (equal up to rounding; False: bit-exact)
 
     _C.MASK_HEAD = CN()
     _C.MASK_HEAD.CHANNELS = 8  # channels of the dynamic mask head's hidden layers

@@ -26,3 +26,6 @@ def test_benchmark_runs_and_reports_all_measurements(tmp_path):
     assert "| inference 128x192 (100 vs 100 detections)" in result.stdout
     assert "CondInst / Mask R-CNN" in result.stdout
     assert plot.stat().st_size > 1000
+    assert set(r["ablations"]["paste_100_masks"]) == {"restricted", "step_by_step"}
+    assert all(v > 0 for v in r["ablations"]["conv3x3_256"].values())
+    assert "CondInst speed-ups against what they replace" in result.stdout

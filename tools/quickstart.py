@@ -17,14 +17,13 @@ import os
 import sys
 
 import cv2
-import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
 from condinst_d2.data import write_coco_split
-from condinst_d2.engine import Trainer, build_cfg
+from condinst_d2.engine import Trainer, build_cfg, configure_cpu_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "CondInst", "QuickStart_Shapes_CPU.yaml")
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     test = ensure_split(data_dir, "test", args.num_test, size, seed=1)
     opts = ["OUTPUT_DIR", os.path.join(args.output, "model")] + list(args.opts)
     cfg = build_cfg(args.config_file, opts, train_dataset=train, test_dataset=test)
-    torch.set_flush_denormal(True)  # denormals make CPU training steps up to 20x slower
+    configure_cpu_run(cfg)
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

@@ -67,8 +67,9 @@ class CondInst(nn.Module):
             max_proposals: random subset of positives that train the mask head (-1: all).
             topk_proposals_per_im: per image, an even share per GT of the best positives (-1: off).
             channels_last: at inference, feed the backbone channels-last images so that every conv
-                runs in that layout (oneDNN and cuDNN are faster there; results equal up to
-                rounding). Training keeps the standard layout, whose gradients match the authors'.
+                runs in that layout, which cuDNN prefers (results equal up to rounding; on the
+                benchmark's CPU a 256-channel conv was as fast in either layout). Training keeps
+                the standard layout, whose gradients match the authors'.
             mask_nms_thresh: if set, NMS on mask IoU at this threshold replaces FCOS's box NMS
                 (FCOS then hands over its best candidates unsuppressed) and keeps `post_nms_topk`.
         """
