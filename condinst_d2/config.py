@@ -4,9 +4,16 @@
 Keys that exist only so that the authors' YAMLs merge unchanged are accepted, and values this
 implementation does not provide are rejected with a clear error when the model is built.
 """
-from detectron2.config import CfgNode as CN
+import logging
+from typing import Sequence
 
-__all__ = ["add_condinst_config"]
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_condinst_config", "get_condinst_cfg"]
+
+logger = logging.getLogger(__name__)
 
 
 def _add_fcos_config(cfg: CN) -> None:
@@ -84,3 +91,18 @@ def add_condinst_config(cfg: CN) -> None:
     _add_efficientnet_config(cfg)
     # Deformable conv every N blocks, in the authors' codebase; accepted, must stay 1 (off).
     cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1
+
+
+def get_condinst_cfg(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """Detectron2's defaults + condinst_d2's keys, then `config_file`, then `opts` (KEY VALUE ...).
+
+    Without CUDA, a config that asks for a GPU runs on the CPU (logged). The result is not frozen.
+    """
+    cfg = get_cfg()
+    add_condinst_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.info("CUDA is not available: running on the CPU (MODEL.DEVICE %s -> cpu)", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg

@@ -13,7 +13,7 @@ from PIL import Image
 from condinst_d2.data.dataset_mapper import CondInstDatasetMapper, read_image
 from condinst_d2.engine import build_cfg
 
-from conftest import ROOT
+from helpers import ROOT
 
 # INPUT.FORMAT is BGR in these configs: channel 2 is red, channel 0 is blue.
 OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.RANDOM_FLIP", "none"]

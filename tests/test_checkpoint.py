@@ -7,7 +7,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import CASES, ROOT, condinst_cfg, require_fixtures
+from helpers import CASES, ROOT, condinst_cfg, require_fixtures
 
 
 def _load_reporting_incompatible(model, path):

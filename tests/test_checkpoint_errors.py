@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 
 from condinst_d2.checkpoint.checkpointer import CondInstCheckpointer
 from condinst_d2.engine import build_cfg
-from conftest import require_fixtures
+from helpers import require_fixtures
 
 _PROBE = "mask_branch.tower.4.weight"
 

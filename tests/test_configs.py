@@ -4,7 +4,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from condinst_d2 import add_condinst_config
-from conftest import CASES, ROOT, condinst_cfg, require_fixtures
+from helpers import CASES, ROOT, condinst_cfg, require_fixtures
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 

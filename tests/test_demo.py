@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, SHARED, inference_cases, require_fixtures
+from helpers import FIXTURES, ROOT, SHARED, inference_cases, require_fixtures
 from detectron2.data.detection_utils import read_image
 
 sys.path.insert(0, str(ROOT / "demo"))

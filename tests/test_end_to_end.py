@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
 from condinst_d2.modeling.mask_nms import mask_iou
-from conftest import assert_same_detections, condinst_cfg, inference_cases, load_train_batch, small_cfg, require_fixtures, synthetic_instances
+from helpers import assert_same_detections, condinst_cfg, inference_cases, load_train_batch, small_cfg, require_fixtures, synthetic_instances
 
 
 def _image(h, w, seed=0):

@@ -12,7 +12,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from conftest import CASES, assert_same_detections, condinst_cfg, inference_cases, load_train_batch, require_fixtures
+from helpers import CASES, assert_same_detections, condinst_cfg, inference_cases, load_train_batch, require_fixtures
 
 # The authors' top-level controller lives in the FCOS head here.
 RENAMES = {"controller.": "proposal_generator.fcos_head.controller."}

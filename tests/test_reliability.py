@@ -16,7 +16,7 @@ from detectron2.solver import build_lr_scheduler
 from condinst_d2.checkpoint import make_saves_atomic
 from condinst_d2.data import write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
-from conftest import ROOT, require_fixtures
+from helpers import ROOT, require_fixtures
 
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
 
@@ -136,7 +136,7 @@ import sys, json, torch
 sys.path.insert(0, {tests!r})
 from detectron2.modeling import build_model
 from detectron2.checkpoint import DetectionCheckpointer
-from conftest import FIXTURES, condinst_cfg, inference_cases
+from helpers import FIXTURES, condinst_cfg, inference_cases
 
 def mib(field):
     return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))

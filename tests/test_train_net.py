@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 
 from condinst_d2.data import CondInstDatasetMapper, register_coco_dataset, write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
-from conftest import ROOT, SHARED
+from helpers import ROOT, SHARED
 
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
 EFFICIENTNET = str(ROOT / "configs" / "CondInst" / "EfficientNetLite0_CPU.yaml")
