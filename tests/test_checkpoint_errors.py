@@ -1,4 +1,5 @@
 """CondInstCheckpointer: clear errors for unreadable files and checkpoints of other models."""
+
 import os
 import re
 from pathlib import Path
@@ -9,7 +10,8 @@ from detectron2.modeling import build_model
 
 from condinst_d2.checkpoint.checkpointer import CondInstCheckpointer
 from condinst_d2.engine import build_cfg
-from helpers import require_fixtures
+
+from helpers import load_reporting_incompatible, require_fixtures
 
 _PROBE = "mask_branch.tower.4.weight"
 
@@ -25,15 +27,6 @@ def model(case_dir: Path) -> torch.nn.Module:
     """A freshly initialized CondInst model of the fixture's config, on CPU."""
     cfg = build_cfg(str(case_dir / "config_condinst.yaml"), ["MODEL.DEVICE", "cpu"])
     return build_model(cfg)
-
-
-def _load_reporting(model: torch.nn.Module, path: Path):
-    """Loads `path` into `model`, returning the incompatible keys Detectron2 would log."""
-    checkpointer = CondInstCheckpointer(model)
-    reports = []
-    checkpointer._log_incompatible_keys = reports.append
-    checkpointer.load(str(path))
-    return reports[0]
 
 
 def test_truncated_file_names_it(model, case_dir, tmp_path):
@@ -65,7 +58,15 @@ def test_empty_path_loads_nothing(model):
 
 def test_unrelated_model_holds_no_weights(model, tmp_path):
     path = tmp_path / "classifier.pth"
-    torch.save({"model": {"features.0.weight": torch.zeros(64, 3, 11, 11), "classifier.1.bias": torch.zeros(10)}}, path)
+    torch.save(
+        {
+            "model": {
+                "features.0.weight": torch.zeros(64, 3, 11, 11),
+                "classifier.1.bias": torch.zeros(10),
+            }
+        },
+        path,
+    )
     with pytest.raises(ValueError, match="holds no weights of this model") as info:
         CondInstCheckpointer(model).load(str(path))
     message = str(info.value)
@@ -74,7 +75,7 @@ def test_unrelated_model_holds_no_weights(model, tmp_path):
 
 def test_authors_checkpoint_loads_and_changes_weights(model, case_dir):
     before = model.state_dict()[_PROBE].clone()
-    incompatible = _load_reporting(model, case_dir / "model.pth")
+    incompatible = load_reporting_incompatible(model, case_dir / "model.pth")
     assert incompatible.missing_keys == [] and incompatible.unexpected_keys == []
     assert incompatible.incorrect_shapes == []
     authors = torch.load(case_dir / "model.pth", map_location="cpu")["model"]
@@ -89,7 +90,7 @@ def test_backbone_only_subset_is_a_legit_partial_init(model, case_dir, tmp_path)
     path = tmp_path / "backbone.pth"
     torch.save({"model": backbone}, path)
     key = next(k for k in backbone if k.endswith(".weight"))
-    incompatible = _load_reporting(model, path)
+    incompatible = load_reporting_incompatible(model, path)
     assert incompatible.missing_keys and not incompatible.unexpected_keys
     torch.testing.assert_close(model.state_dict()[key], backbone[key])
 
@@ -100,5 +101,5 @@ def test_shape_mismatch_keeps_detectron2_warnings(model, case_dir, tmp_path):
     state["model"][key] = torch.zeros(7, *state["model"][key].shape[1:])
     path = tmp_path / "other_classes.pth"
     torch.save(state, path)
-    incompatible = _load_reporting(model, path)
+    incompatible = load_reporting_incompatible(model, path)
     assert [k for k, _, _ in incompatible.incorrect_shapes] == [key]

@@ -4,9 +4,11 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from condinst_d2 import add_condinst_config
+
 from helpers import CASES, ROOT, condinst_cfg, require_fixtures
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+SMALL = ROOT / "configs/CondInst/Small_R_18_CPU.yaml"
 
 
 def test_add_condinst_config_leaves_detectron2_defaults_alone():
@@ -21,7 +23,31 @@ def test_defaults_are_the_authors():
     assert cfg.MODEL.FCOS.SIZES_OF_INTEREST == [64, 128, 256, 512]
     assert (cfg.MODEL.FCOS.NMS_TH, cfg.MODEL.FCOS.POS_RADIUS, cfg.MODEL.FCOS.THRESH_WITH_CTR) == (0.6, 1.5, False)
     assert (cfg.MODEL.CONDINST.MASK_OUT_STRIDE, cfg.MODEL.CONDINST.MASK_HEAD.CHANNELS) == (4, 8)
-    assert cfg.MODEL.CONDINST.MASK_NMS is False
+    ci = cfg.MODEL.CONDINST
+    assert ci.MASK_NMS is False
+    # mask NMS keeps the numbers it had while it shared FCOS's NMS_TH / PRE_ / POST_NMS_TOPK_TEST
+    assert (ci.MASK_NMS_TH, ci.MASK_NMS_PRE_TOPK, ci.MASK_NMS_POST_TOPK) == (0.6, 1000, 100)
+
+
+def test_training_time_detection_keys_load_but_change_nothing():
+    """FCOS decodes no detections in training: the authors' *_TRAIN keys merge and are ignored."""
+    train_keys = {
+        "MODEL.FCOS.INFERENCE_TH_TRAIN": 0.9,
+        "MODEL.FCOS.PRE_NMS_TOPK_TRAIN": 1,
+        "MODEL.FCOS.POST_NMS_TOPK_TRAIN": 1,
+    }
+    settings = ("score_thresh", "pre_nms_topk", "nms_thresh", "max_detections_per_image", "box_nms")
+    for overrides in ({}, train_keys):
+        fcos = build_model(condinst_cfg(SMALL, **overrides)).proposal_generator
+        assert [getattr(fcos, k) for k in settings] == [0.05, 1000, 0.6, 100, True]
+
+
+def test_mask_nms_replaces_box_nms():
+    overrides = {"MODEL.CONDINST.MASK_NMS": True, "MODEL.CONDINST.MASK_NMS_PRE_TOPK": 300}
+    model = build_model(condinst_cfg(SMALL, **overrides))
+    fcos = model.proposal_generator
+    assert fcos.box_nms is False and fcos.max_detections_per_image == 300
+    assert model.mask_nms and (model.mask_nms_thresh, model.mask_nms_post_topk) == (0.6, 100)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -68,9 +94,11 @@ def test_unknown_key_is_rejected(tmp_path):
         ({"MODEL.FCOS.TOP_LEVELS": 1}, "TOP_LEVELS"),
         ({"MODEL.FCOS.FPN_STRIDES": [8, 16, 32]}, "FPN_STRIDES"),
         ({"MODEL.FCOS.LOSS_NORMALIZER_CLS": "moving_fg"}, "LOSS_NORMALIZER_CLS"),
+        ({"MODEL.PROPOSAL_GENERATOR.NAME": "RPN"}, "PROPOSAL_GENERATOR.NAME"),
+        ({"MODEL.CONDINST.MASK_OUT_STRIDE": 16}, "MASK_OUT_STRIDE"),
     ],
 )
 def test_inconsistent_settings_fail_at_build(overrides, message):
-    cfg = condinst_cfg(ROOT / "configs/CondInst/Small_R_18_CPU.yaml", **overrides)
+    cfg = condinst_cfg(SMALL, **overrides)
     with pytest.raises(ValueError, match=message):
         build_model(cfg)

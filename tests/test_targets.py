@@ -1,12 +1,20 @@
 """FCOS training targets: size ranges, centre sampling around the mask centroid, tie-break, layout."""
+import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
-from condinst_d2.modeling.fcos.targets import INF, fcos_targets, mask_centroids, sizes_of_interest_ranges
+from condinst_d2.modeling.fcos.targets import (
+    INF,
+    fcos_targets,
+    level_sizes_of_interest,
+    mask_centroids,
+    sizes_of_interest_ranges,
+)
 from condinst_d2.modeling.layers import compute_locations
 
 CPU = torch.device("cpu")
-SOI = [64, 128, 256, 512]
+SOI = [64, 128, 256, 512]  # MODEL.FCOS.SIZES_OF_INTEREST
+ONE_LEVEL = [64]  # one level regresses every size
 
 
 def _gt(boxes, classes, image_size=(64, 64), bitmasks=None):
@@ -22,9 +30,18 @@ def _positive_indices(labels, num_classes):
     return torch.nonzero(labels != num_classes).squeeze(1).tolist()
 
 
-def test_sizes_of_interest_ranges():
+def test_sizes_of_interest_per_level_and_ranges():
     assert INF == 100000000
-    assert sizes_of_interest_ranges(SOI) == [[-1, 64], [64, 128], [128, 256], [256, 512], [512, INF]]
+    assert level_sizes_of_interest(SOI) == [64, 128, 256, 512, 1024]
+    ranges = sizes_of_interest_ranges(level_sizes_of_interest(SOI))
+    assert ranges == [[-1, 64], [64, 128], [128, 256], [256, 512], [512, INF]]
+    assert sizes_of_interest_ranges(ONE_LEVEL) == [[-1, INF]]
+
+
+def test_targets_need_one_stride_and_size_per_level():
+    locations = [compute_locations(2, 2, 8, CPU), compute_locations(1, 1, 16, CPU)]
+    with pytest.raises(ValueError, match="sizes of interest"):
+        fcos_targets(locations, [_gt([], [])], [8, 16], SOI, 4, None)
 
 
 def test_mask_centroid_of_l_shape():
@@ -51,11 +68,11 @@ def test_center_sampling_uses_mask_centroid_and_is_clipped_to_box():
     masks[0, 8:16, 8:16] = 1  # centroid (11.5, 11.5)
     # Sampling box: (11.5 - 12, 11.5 + 12) = (-0.5, 23.5), clipped to the box -> (8, 23.5):
     # x, y in {12, 20}; x = 4 would be inside the unclipped region but lies outside the GT box.
-    with_mask = fcos_targets(locations, [_gt([box], [3], bitmasks=masks)], [8], SOI, 5, 1.5)
+    with_mask = fcos_targets(locations, [_gt([box], [3], bitmasks=masks)], [8], ONE_LEVEL, 5, 1.5)
     assert _positive_indices(with_mask.labels, 5) == [9, 10, 17, 18]
     assert with_mask.labels[[9, 10, 17, 18]].tolist() == [3, 3, 3, 3]
     # Without a mask the box centre is used: (28 - 12, 28 + 12) = (16, 40), strict -> {20, 28, 36}.
-    no_mask = fcos_targets(locations, [_gt([box], [3])], [8], SOI, 5, 1.5)
+    no_mask = fcos_targets(locations, [_gt([box], [3])], [8], ONE_LEVEL, 5, 1.5)
     assert _positive_indices(no_mask.labels, 5) == [18, 19, 20, 26, 27, 28, 34, 35, 36]
 
 
@@ -63,7 +80,8 @@ def test_center_sampling_off_centre_rectangle_mask():
     locations = [compute_locations(8, 8, 8, CPU)]
     masks = torch.zeros((1, 64, 64), dtype=torch.uint8)
     masks[0, 0:16, 0:16] = 1  # centroid (7.5, 7.5), box centre (24, 24)
-    t = fcos_targets(locations, [_gt([[0.0, 0.0, 48.0, 48.0]], [1], bitmasks=masks)], [8], SOI, 2, 1.5)
+    gt = _gt([[0.0, 0.0, 48.0, 48.0]], [1], bitmasks=masks)
+    t = fcos_targets(locations, [gt], [8], ONE_LEVEL, 2, 1.5)
     # Region (0, 19.5) in x and y -> x, y in {4, 12}.
     assert _positive_indices(t.labels, 2) == [0, 1, 8, 9]
     torch.testing.assert_close(t.reg_targets[9], torch.tensor([12.0, 12.0, 36.0, 36.0]) / 8)
@@ -73,7 +91,7 @@ def test_size_range_bounds_are_inclusive_on_both_levels():
     # P3: 16x16 at stride 8, P4: 8x8 at stride 16 on a 128x128 image.
     locations = [compute_locations(16, 16, 8, CPU), compute_locations(8, 8, 16, CPU)]
     gt = _gt([[4.0, 4.0, 120.0, 120.0]], [0], image_size=(128, 128))  # centre (62, 62)
-    t = fcos_targets(locations, [gt], [8, 16], SOI, 1, 1.5)
+    t = fcos_targets(locations, [gt], [8, 16], [64, 128], 1, 1.5)  # P3 [-1, 64], P4 [64, INF]
     # P3 region (50, 74): x in {52, 60, 68}; x=52 has r=68 > 64 -> only {60, 68}.
     # P4 region (38, 86): x in {40, 56, 72}; every combination has max in [64, 80].
     p3 = [7 * 16 + 7, 7 * 16 + 8, 8 * 16 + 7, 8 * 16 + 8]
@@ -90,7 +108,7 @@ def test_size_range_bounds_are_inclusive_on_both_levels():
 def test_smallest_area_wins():
     locations = [compute_locations(8, 8, 8, CPU)]
     gt = _gt([[0.0, 0.0, 64.0, 64.0], [0.0, 0.0, 32.0, 32.0]], [1, 2])  # small box is GT 1
-    t = fcos_targets(locations, [gt], [8], SOI, 3, None)
+    t = fcos_targets(locations, [gt], [8], ONE_LEVEL, 3, None)
     labels = t.labels.reshape(8, 8)
     gt_inds = t.gt_inds.reshape(8, 8)
     expected = torch.ones((8, 8), dtype=torch.long)
@@ -108,8 +126,8 @@ def test_batch_layout_gt_offsets_background_and_empty_image():
     im0 = _gt([[0.0, 0.0, 8.0, 8.0], [8.0, 8.0, 16.0, 16.0]], [3, 5], image_size=(16, 16))
     im1 = _gt([], [], image_size=(16, 16))
     im2 = _gt([[0.0, 0.0, 24.0, 24.0]], [7], image_size=(24, 24))
-    # ranges P3 [-1, 16], P4 [16, 64]
-    t = fcos_targets(locations, [im0, im1, im2], [8, 16], [16, 64], 10, None)
+    # ranges P3 [-1, 16], P4 [16, INF]
+    t = fcos_targets(locations, [im0, im1, im2], [8, 16], [16, 32], 10, None)
     bg = 10
     assert t.labels.tolist() == [3, bg, bg, 5] + [bg] * 4 + [bg, bg, bg, 7] + [bg, bg, 7]
     assert t.gt_inds.tolist() == [0, -1, -1, 1] + [-1] * 4 + [-1, -1, -1, 2] + [-1, -1, 2]
@@ -131,6 +149,6 @@ def test_batch_layout_gt_offsets_background_and_empty_image():
 
 def test_single_image_without_gt_is_all_background():
     locations = [compute_locations(2, 3, 8, CPU)]
-    t = fcos_targets(locations, [_gt([], [])], [8], SOI, 4, 1.5)
+    t = fcos_targets(locations, [_gt([], [])], [8], ONE_LEVEL, 4, 1.5)
     assert t.labels.tolist() == [4] * 6
     assert t.gt_inds.tolist() == [-1] * 6

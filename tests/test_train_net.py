@@ -1,19 +1,24 @@
 """train_net.py and the training pipeline: datasets from the command line, 2 CPU processes over
-gloo, the data mapper on unusual images, learning on real photos, eval-only on real COCO images."""
+gloo (and Detectron2 left as it was), the data mapper on unusual images, learning on real photos,
+eval-only on real COCO images."""
 import json
 import re
 import subprocess
 import sys
 
+import detectron2.engine
+import detectron2.engine.defaults as d2_defaults
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, build_detection_train_loader
+from detectron2.engine.hooks import CallbackHook
 from detectron2.modeling import build_model
 
 from condinst_d2.data import CondInstDatasetMapper, register_coco_dataset, write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
+
 from helpers import ROOT, SHARED
 
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
@@ -57,6 +62,40 @@ def test_two_cpu_processes_train_with_ddp_and_evaluate(shapes, tmp_path):
     assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
     # The class names come from the JSON.
     assert "circle" in log and "triangle" in log
+
+
+def _one_iteration_cfg(shapes, output_dir):
+    opts = ["SOLVER.MAX_ITER", 1, "INPUT.MIN_SIZE_TRAIN", "(128,)", "OUTPUT_DIR", str(output_dir)]
+    return build_cfg(SMALL, opts, train_dataset=shapes[0])
+
+
+def test_trainer_overrides_create_ddp_model_only_while_it_is_built(shapes, tmp_path):
+    original = detectron2.engine.create_ddp_model  # bound when detectron2.engine was imported
+    assert d2_defaults.create_ddp_model is original  # after importing condinst_d2
+    during = []
+
+    class RecordingTrainer(Trainer):
+        @classmethod
+        def build_train_loader(cls, cfg):  # DefaultTrainer.__init__ calls it
+            during.append(d2_defaults.create_ddp_model)
+            return super().build_train_loader(cfg)
+
+    RecordingTrainer(_one_iteration_cfg(shapes, tmp_path))
+    assert during[0] is not original  # the CPU-aware wrapper
+    assert d2_defaults.create_ddp_model is original
+
+
+def test_cpu_training_flushes_denormals_and_restores_the_setting(shapes, tmp_path):
+    def denormals_kept() -> bool:
+        return torch.tensor([1e-39]).mul(1.0).item() != 0.0
+
+    torch.set_flush_denormal(False)
+    trainer = Trainer(_one_iteration_cfg(shapes, tmp_path))
+    during = []
+    trainer.register_hooks([CallbackHook(after_step=lambda _: during.append(denormals_kept()))])
+    trainer.train()
+    assert during == [False]
+    assert denormals_kept()
 
 
 def test_dataset_arguments_fail_clearly(tmp_path):
@@ -110,7 +149,6 @@ def test_learns_on_real_photos_fruits_nuts(tmp_path):
          "OUTPUT_DIR", str(tmp_path)],
         train_dataset=dataset, test_dataset=dataset,
     )
-    torch.set_flush_denormal(True)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()

@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -35,9 +35,10 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 
-from condinst_d2 import add_condinst_config
-from condinst_d2.modeling.layers import aligned_bilinear
-from condinst_d2.modeling.postprocessing import paste_masks
+from condinst_d2.config import get_condinst_cfg
+from condinst_d2.modeling.dynamic_mask_head import pack_dynamic_params
+from condinst_d2.modeling.layers import compute_locations
+from condinst_d2.modeling.postprocessing import paste_masks, paste_masks_by_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONDINST_CONFIG = os.path.join(ROOT, "configs", "CondInst", "MS_R_50_1x.yaml")
@@ -49,16 +50,14 @@ DETECTIONS = 100
 
 def build(name: str) -> torch.nn.Module:
     """A randomly initialised CPU model that keeps exactly its top 100 detections."""
-    cfg = get_cfg()
+    cpu_random = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
     if name == "condinst":
-        add_condinst_config(cfg)
-        cfg.merge_from_file(CONDINST_CONFIG)
-        cfg.MODEL.FCOS.INFERENCE_TH_TEST = 0.0  # random weights: keep every candidate
+        # Random weights: keep every candidate.
+        cfg = get_condinst_cfg(CONDINST_CONFIG, cpu_random + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
     else:
+        cfg = get_cfg()
         cfg.merge_from_file(model_zoo.get_config_file(MASK_RCNN_CONFIG))
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
+        cfg.merge_from_list(cpu_random + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     # Random weights regress degenerate boxes (FCOS: zero size, dropped by postprocessing; Mask
@@ -87,7 +86,7 @@ def _local_masks(model) -> None:
     w1[0, :4] = 1  # |rel_x| + |rel_y|
     w2[0, 0] = -10
     biases = [torch.zeros(hidden), torch.zeros(hidden), torch.tensor([4.0])]
-    params = torch.cat([w.flatten() for w in (w0, w1, w2)] + biases)
+    params = pack_dynamic_params([w[None] for w in (w0, w1, w2)], [b[None] for b in biases])[0]
     controller = model.proposal_generator.fcos_head.controller
     torch.nn.init.zeros_(controller.weight)
     with torch.no_grad():
@@ -154,13 +153,12 @@ def mask_stage_fns(condinst, mask_rcnn, k: int, size) -> Dict[str, Callable[[], 
     loc_inds = torch.randint(0, p3.shape[2] * p3.shape[3], (k,), generator=g)
     zeros = torch.zeros(k, dtype=torch.long)
     stride = condinst.proposal_generator.strides[0]
-    w3 = p3.shape[3]
-    locations = torch.stack([(loc_inds % w3) * stride + stride // 2, (loc_inds // w3) * stride + stride // 2], 1).float()
+    locations = compute_locations(p3.shape[2], p3.shape[3], stride, p3.device)[loc_inds]
 
     def condinst_masks():
         inst = Instances(c_images.tensor.shape[-2:], im_inds=zeros, fpn_levels=zeros, locations=locations)
         inst.mask_head_params = head.controller_at(towers, zeros, zeros, loc_inds)
-        probs = condinst.mask_head(mask_feats, condinst.mask_branch.out_stride, inst).sigmoid()
+        probs = condinst.mask_head(mask_feats, inst).sigmoid()
         return paste_masks(probs, c_images.tensor.shape[-2:], size, size)
 
     m_images = mask_rcnn.preprocess_image([{"image": x}])
@@ -219,12 +217,6 @@ def training_step(models, repeats: int, size) -> Dict[str, float]:
     return times
 
 
-def _paste_by_steps(probs: torch.Tensor, padded, size) -> torch.Tensor:
-    """The authors' mask postprocessing: full-size aligned_bilinear, crop, resize, threshold."""
-    up = aligned_bilinear(probs, padded[0] // probs.shape[2])[:, :, : size[0], : size[1]]
-    return torch.nn.functional.interpolate(up, size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
-
-
 @torch.no_grad()
 def ablations(condinst, repeats: int, size) -> Dict[str, Dict[str, float]]:
     """condinst_d2's two inference speed-ups against what they replace, on the same inputs:
@@ -235,11 +227,13 @@ def ablations(condinst, repeats: int, size) -> Dict[str, Dict[str, float]]:
     features = condinst.backbone(images.tensor)
     det = condinst.proposal_generator(images, features)[0][0]
     mask_feats, _ = condinst.mask_branch(features)
-    det.set("im_inds", torch.zeros_like(det.pred_classes))
-    probs = condinst.mask_head(mask_feats, condinst.mask_branch.out_stride, det).sigmoid()
+    probs = condinst.mask_head(mask_feats, det).sigmoid()
     padded = tuple(images.tensor.shape[-2:])
     paste = interleaved(
-        {"restricted": lambda: paste_masks(probs, padded, size, size), "step_by_step": lambda: _paste_by_steps(probs, padded, size)},
+        {
+            "restricted": lambda: paste_masks(probs, padded, size, size),
+            "step_by_step": lambda: paste_masks_by_steps(probs, padded, size, size),
+        },
         repeats,
     )
     conv = torch.nn.Conv2d(256, 256, 3, padding=1)
@@ -296,30 +290,47 @@ def _memory_worker(name: str, size) -> None:
     print(json.dumps({"peak_mib": _resident_mib("VmHWM") - before, "detections": detections}))
 
 
-def _row(name: str, condinst: float, mask_rcnn: float, unit: str = "s") -> str:
-    return f"| {name} | {condinst:.3f} {unit} | {mask_rcnn:.3f} {unit} | {condinst / mask_rcnn:.2f}x |"
+# The project's targets for each ratio (CondInst / Mask R-CNN, or latency / FLOP floor).
+TARGETS = {"end_to_end": 0.75, "mask_stage_100": 0.35, "slope": 0.33, "peak_memory": 0.5, "flop_floor": 1.3}
+
+
+def _verdict(ratio: float, target: Optional[float]) -> str:
+    """'<= target: met' / 'not met' for a ratio, or '' when it has no target."""
+    if target is None:
+        return ""
+    return f"<= {target:.2f}: {'met' if ratio <= target else 'NOT MET'}"
+
+
+def _row(name: str, condinst: float, mask_rcnn: float, unit: str = "s", target: Optional[float] = None) -> str:
+    ratio = condinst / mask_rcnn
+    return f"| {name} | {condinst:.3f} {unit} | {mask_rcnn:.3f} {unit} | {ratio:.2f}x | {_verdict(ratio, target)} |"
 
 
 def report(r: Dict) -> str:
     e2e, masks, train, mem = r["end_to_end"], r["mask_stage"], r["training"], r["peak_memory_mib"]
     size, large = r["size"], r["large_size"]
     rows = [
-        "| measurement | CondInst | Mask R-CNN | CondInst / Mask R-CNN |",
-        "|---|---|---|---|",
+        "| measurement | CondInst | Mask R-CNN | CondInst / Mask R-CNN | target |",
+        "|---|---|---|---|---|",
         _row(f"inference {size[0]}x{size[1]} ({e2e['condinst']['detections']} vs "
-             f"{e2e['mask_rcnn']['detections']} detections)", e2e["condinst"]["seconds"], e2e["mask_rcnn"]["seconds"]),
+             f"{e2e['mask_rcnn']['detections']} detections)", e2e["condinst"]["seconds"], e2e["mask_rcnn"]["seconds"],
+             target=TARGETS["end_to_end"]),
     ]
     for k, t in masks.items():
-        rows.append(_row(f"mask stage, K={k}", t["condinst"] * 1e3, t["mask_rcnn"] * 1e3, "ms"))
-    rows.append(_row("mask stage slope per instance", r["slope_ms"]["condinst"], r["slope_ms"]["mask_rcnn"], "ms"))
+        target = TARGETS["mask_stage_100"] if int(k) == 100 else None
+        rows.append(_row(f"mask stage, K={k}", t["condinst"] * 1e3, t["mask_rcnn"] * 1e3, "ms", target))
+    rows.append(_row("mask stage slope per instance", r["slope_ms"]["condinst"], r["slope_ms"]["mask_rcnn"], "ms",
+                     TARGETS["slope"]))
     rows.append(_row(f"training iteration (2 images {size[0]}x{size[1]})", train["condinst"], train["mask_rcnn"]))
-    rows.append(_row(f"peak inference memory {large[0]}x{large[1]}", mem["condinst"], mem["mask_rcnn"], "MiB"))
+    rows.append(_row(f"peak inference memory {large[0]}x{large[1]}", mem["condinst"], mem["mask_rcnn"], "MiB",
+                     TARGETS["peak_memory"]))
     hw = r["hardware"]
+    floor_ratio = e2e["condinst"]["seconds"] / (hw["condinst_gflops"] / hw["conv_gflops"])
     rows += [
         "",
         f"3x3 conv throughput: {hw['conv_gflops']:.0f} GFLOP/s; CondInst {hw['condinst_gflops']:.0f} GFLOPs "
         f"-> {hw['condinst_gflops'] / hw['conv_gflops']:.2f} s at that rate; measured latency / that = "
-        f"{e2e['condinst']['seconds'] / (hw['condinst_gflops'] / hw['conv_gflops']):.2f} "
+        f"{floor_ratio:.2f} ({_verdict(floor_ratio, TARGETS['flop_floor'])}) "
         f"(Mask R-CNN: {hw['mask_rcnn_gflops']:.0f} GFLOPs, "
         f"{e2e['mask_rcnn']['seconds'] / (hw['mask_rcnn_gflops'] / hw['conv_gflops']):.2f})",
         f"threads: {r['threads']}, repeats: {r['repeats']}, torch {torch.__version__}",

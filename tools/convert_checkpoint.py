@@ -1,24 +1,37 @@
 #!/usr/bin/env python
-"""Converts an authors' CondInst checkpoint (AdelaiDet model zoo layout) to condinst_d2's layout.
+"""Converts a checkpoint of another codebase to condinst_d2's key layout, printing each mapping.
 
-Not needed to use such a file (DetectionCheckpointer loads it directly); this writes the
-converted file explicitly, prints each renamed / dropped key and, given --config-file, checks the
-result against the model that config builds.
+Not needed to use such a file (CondInstCheckpointer, hence train_net.py and the demo, converts it
+on load); this writes the converted file explicitly, prints every renamed / dropped / left-over key
+and, given --config-file, checks the result against the model that config builds.
 
-    python tools/convert_checkpoint.py CondInst_MS_R_50_1x.pth converted.pth \
+    python tools/convert_checkpoint.py CondInst_MS_R_50_1x.pth converted.pth --from authors \
         --config-file configs/CondInst/MS_R_50_1x.yaml
 """
+
 import argparse
 import os
 import sys
-import tempfile
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from detectron2.modeling import build_model
+from torch import nn
 
-from condinst_d2.checkpoint import convert_authors_state_dict
+from condinst_d2.checkpoint import (
+    FORMATS,
+    Conversion,
+    KeyFormat,
+    check_derived,
+    convert_state_dict,
+    detect_format,
+)
+from condinst_d2.config import get_condinst_cfg
+from condinst_d2.utils import atomic_write
 
 
-def _load(path: str) -> dict:
+def _load(path: str) -> Dict[str, torch.Tensor]:
+    """The state dict in `path` (a state dict or {"model": state dict}); exits naming the file."""
     if not os.path.isfile(path):
         sys.exit(f"error: no checkpoint file {path!r}")
     try:
@@ -31,49 +44,86 @@ def _load(path: str) -> dict:
     return state
 
 
-def _check_against_config(state: dict, config_file: str) -> int:
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
+def _require_format(state: Dict[str, torch.Tensor], fmt: KeyFormat, path: str) -> None:
+    """Exits with one line unless `state` is in the layout of `fmt`."""
+    if fmt.matches(state):
+        return
+    detected = detect_format(state)
+    if detected is None:
+        found = f"it matches none of the known formats ({', '.join(FORMATS)})"
+    else:
+        found = f"it is {detected.description} (--from {detected.name})"
+    sys.exit(f"error: {path!r} is not in the layout of {fmt.description}: {found}")
 
-    from condinst_d2 import add_condinst_config
 
-    cfg = get_cfg()
-    add_condinst_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    expected = build_model(cfg).state_dict()
+def _print_conversion(conversion: Conversion) -> None:
+    """Prints every renamed, dropped (with its value when small) and left-over key, then counts."""
+    for old, new in conversion.renamed:
+        print(f"renamed  {old} -> {new}")
+    for key, tensor in conversion.dropped.items():
+        value = f" = {tensor.tolist()}" if tensor.numel() <= 8 else ""
+        print(f"dropped  {key}{value} (no place in condinst_d2)")
+    for key in conversion.left_over:
+        print(f"left over  {key} (no rule matches it; kept as it is)")
+    print(f"{len(conversion.state_dict)} tensors: {conversion.summary()}")
+
+
+def _config_problems(conversion: Conversion, fmt: KeyFormat, model: nn.Module) -> List[str]:
+    """Prints the converted keys the model of a config lacks, misses or shapes differently, and
+    the dropped buffers that disagree with it; returns every problem found."""
+    state, expected = conversion.state_dict, model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+    wrong_shape = sorted(
+        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    for title, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong_shape),
+    ):
         print(f"{title} keys: {len(keys)}")
         for key in keys:
             print(f"  {key}")
-    return 1 if missing or unexpected or wrong_shape else 0
+    derived = check_derived(conversion, fmt, model)
+    for problem in derived:
+        print(f"mismatch: {problem}")
+    return missing + unexpected + wrong_shape + derived
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="the authors' checkpoint (.pth)")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Converts, prints, checks against --config-file if given, writes; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("input", help="the foreign checkpoint (.pth)")
     parser.add_argument("output", help="where to write the converted checkpoint (.pth)")
-    parser.add_argument("--config-file", help="check the converted keys against this config's model")
+    parser.add_argument(
+        "--from",
+        dest="fmt",
+        choices=sorted(FORMATS),
+        default="authors",
+        help="the layout of the input (default: authors)",
+    )
+    parser.add_argument(
+        "--config-file", help="check the converted keys against this config's model"
+    )
     args = parser.parse_args(argv)
 
-    state, renamed, dropped = convert_authors_state_dict(_load(args.input))
-    for old, new in renamed:
-        print(f"renamed  {old} -> {new}")
-    for key in dropped:
-        print(f"dropped  {key} (not kept: condinst_d2 takes it from the config)")
-    print(f"{len(state)} tensors, {len(renamed)} renamed, {len(dropped)} dropped")
-    status = _check_against_config(state, args.config_file) if args.config_file else 0
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    # Written next to the destination then renamed: an interrupted run leaves no partial file.
-    with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".tmp", delete=False) as tmp:
-        torch.save({"model": state}, tmp)
-    os.replace(tmp.name, args.output)
+    fmt = FORMATS[args.fmt]
+    state = _load(args.input)
+    _require_format(state, fmt, args.input)
+    conversion = convert_state_dict(state, fmt)
+    _print_conversion(conversion)
+    problems = []
+    if args.config_file:
+        cfg = get_condinst_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])
+        problems = _config_problems(conversion, fmt, build_model(cfg))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with atomic_write(args.output, "wb") as f:
+        torch.save({"model": conversion.state_dict}, f)
     print(f"wrote {args.output}")
-    return status
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

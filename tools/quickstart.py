@@ -15,22 +15,25 @@ import json
 import logging
 import os
 import sys
+from typing import List, Optional, Sequence, Tuple
 
-import cv2
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
-from condinst_d2.data import write_coco_split
-from condinst_d2.engine import Trainer, build_cfg, configure_cpu_run
+from condinst_d2.data import read_image, write_coco_split
+from condinst_d2.engine import Trainer, build_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "CondInst", "QuickStart_Shapes_CPU.yaml")
 logger = logging.getLogger("condinst_d2.quickstart")
 
 
-def ensure_split(data_dir: str, split: str, num_images: int, size, seed: int) -> tuple:
+def ensure_split(
+    data_dir: str, split: str, num_images: int, size: Tuple[int, int], seed: int
+) -> Tuple[str, str]:
     """(JSON, image folder) of a generated split, generated unless an identical one exists."""
     json_file = os.path.join(data_dir, f"{split}.json")
     stamp = {"num_images": num_images, "size": list(size), "seed": seed}
@@ -46,7 +49,9 @@ def ensure_split(data_dir: str, split: str, num_images: int, size, seed: int) ->
     return json_file, os.path.join(data_dir, split)
 
 
-def draw_predictions(cfg, weights: str, test_dataset, out_dir: str, count: int) -> list:
+def draw_predictions(
+    cfg: CfgNode, weights: str, test_dataset: Tuple[str, str], out_dir: str, count: int
+) -> List[str]:
     """Draws the model's predictions on the first `count` held-out images; returns the paths."""
     cfg = cfg.clone()
     cfg.defrost()
@@ -57,7 +62,7 @@ def draw_predictions(cfg, weights: str, test_dataset, out_dir: str, count: int) 
         images = json.load(f)["images"][:count]
     paths = []
     for image in images:
-        bgr = cv2.imread(os.path.join(test_dataset[1], image["file_name"]))
+        bgr = read_image(os.path.join(test_dataset[1], image["file_name"]), format="BGR")
         instances = predictor(bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= 0.5]
         drawn = Visualizer(bgr[:, :, ::-1], metadata).draw_instance_predictions(instances)
@@ -66,8 +71,11 @@ def draw_predictions(cfg, weights: str, test_dataset, out_dir: str, count: int) 
     return paths
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Generates the data, trains, evaluates and draws; returns the exit status (0)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", default=DEFAULT_CONFIG)
     parser.add_argument("--output", default=os.path.join(ROOT, "output", "quickstart"))
     parser.add_argument("--num-train", type=int, default=300, help="generated training images")
@@ -84,7 +92,6 @@ def main(argv=None) -> int:
     test = ensure_split(data_dir, "test", args.num_test, size, seed=1)
     opts = ["OUTPUT_DIR", os.path.join(args.output, "model")] + list(args.opts)
     cfg = build_cfg(args.config_file, opts, train_dataset=train, test_dataset=test)
-    configure_cpu_run(cfg)
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -94,10 +101,12 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     if results:
-        summary = f"held-out segm AP {results['segm']['AP']:.1f}, bbox AP {results['bbox']['AP']:.1f}"
+        segm, bbox = results["segm"]["AP"], results["bbox"]["AP"]
+        summary = f"held-out segm AP {segm:.1f}, bbox AP {bbox:.1f}"
     else:  # COCOEvaluator returns nothing when the model predicts nothing
         summary = "no detections on the held-out split (train longer)"
-    print(f"\nQuick start done: {summary}.\nModel: {weights}\nDrawn predictions: {', '.join(drawn)}")
+    print(f"\nQuick start done: {summary}.\nModel: {weights}")
+    print(f"Drawn predictions: {', '.join(drawn)}")
     return 0
 
 

@@ -1,13 +1,27 @@
+"""Checkpoints: foreign layouts as rename tables, loading with clear errors, atomic saves.
+
+Importing it registers `efficientnet-lite0://` with Detectron2's PathManager.
+"""
+
 from .atomic import AtomicPathManager, make_saves_atomic
+from .authors import AUTHORS
 from .checkpointer import CondInstCheckpointer
-from .authors import AUTHORS_DROPPED_BUFFERS, AUTHORS_RENAMES, convert_authors_state_dict, rename_authors_keys
+from .efficientnet_lite0 import EFFICIENTNET_LITE0, IMAGENET_URI
+from .formats import FORMATS, detect_format
+from .rename import Conversion, Derived, KeyFormat, check_derived, convert_state_dict
 
 __all__ = [
+    "AUTHORS",
     "AtomicPathManager",
     "CondInstCheckpointer",
+    "Conversion",
+    "Derived",
+    "EFFICIENTNET_LITE0",
+    "FORMATS",
+    "IMAGENET_URI",
+    "KeyFormat",
+    "check_derived",
+    "convert_state_dict",
+    "detect_format",
     "make_saves_atomic",
-    "AUTHORS_DROPPED_BUFFERS",
-    "AUTHORS_RENAMES",
-    "convert_authors_state_dict",
-    "rename_authors_keys",
 ]

@@ -5,9 +5,9 @@ a save leaves a truncated file that `--resume` then fails on. `AtomicPathManager
 checkpointer's path manager: files opened for writing go to a temporary name in the same folder
 and are renamed over the destination only once completely written and flushed to disk.
 """
-import contextlib
-import os
-from typing import Any, Iterator
+from typing import IO, Any, ContextManager
+
+from ..utils import atomic_write
 
 __all__ = ["AtomicPathManager", "make_saves_atomic"]
 
@@ -21,24 +21,10 @@ class AtomicPathManager:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
-    def open(self, path: str, mode: str = "r", **kwargs: Any):
+    def open(self, path: str, mode: str = "r", **kwargs: Any) -> ContextManager[IO]:
         if "w" not in mode or "://" in path:  # reads, and remote paths, as before
             return self._base.open(path, mode, **kwargs)
-        return _atomic_open(path, mode)
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str, mode: str) -> Iterator[Any]:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return atomic_write(path, mode)
 
 
 def make_saves_atomic(checkpointer: Any) -> Any:

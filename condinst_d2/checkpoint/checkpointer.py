@@ -1,4 +1,8 @@
-"""A DetectionCheckpointer that fails clearly on unreadable files and on checkpoints of other models.
+"""A DetectionCheckpointer that converts foreign layouts and fails clearly on unusable files.
+
+Files in a layout of `formats.FORMATS` (the authors' CondInst checkpoints, the package's ImageNet
+EfficientNet-Lite0) are detected from their keys and converted to condinst_d2's layout on load,
+so they work as MODEL.WEIGHTS as they are.
 
 `DetectionCheckpointer.load` reports a truncated or corrupt file with torch's message, which does
 not name the file, and loads a checkpoint of an unrelated model (no key in common) with warnings
@@ -6,7 +10,9 @@ only, leaving every weight at its random initialization. `CondInstCheckpointer` 
 `ValueError` naming the file. Partial overlaps (ImageNet backbone weights into a detector) and shape
 mismatches (fine-tuning with another number of classes) keep Detectron2's warnings.
 """
+
 import errno
+import logging
 import os
 from typing import Any, Dict, Iterable, List
 from urllib.parse import urlparse
@@ -14,7 +20,12 @@ from urllib.parse import urlparse
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
+from .formats import detect_format
+from .rename import check_derived, convert_state_dict
+
 __all__ = ["CondInstCheckpointer"]
+
+logger = logging.getLogger(__name__)
 
 _SHOWN_KEYS = 5
 
@@ -28,12 +39,15 @@ def _preview(keys: Iterable[str]) -> str:
 
 
 class CondInstCheckpointer(DetectionCheckpointer):
-    """Same as `DetectionCheckpointer`, with clear errors for files it cannot use.
+    """Same as `DetectionCheckpointer`, converting foreign layouts, with clear errors for files it
+    cannot use.
 
     Raises (from `load` / `resume_or_load`):
         FileNotFoundError: a local checkpoint path that does not exist.
         ValueError: a file that cannot be read (truncated, corrupt, not a checkpoint), or whose
             weights share no parameter with the model.
+        RuntimeError: a foreign file whose buffers disagree with the model's config (e.g. the
+            authors' `sizes_of_interest`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -59,13 +73,32 @@ class CondInstCheckpointer(DetectionCheckpointer):
             raise ValueError(f"cannot read checkpoint {filename!r}: {e}") from e
 
     def _load_model(self, checkpoint: Any) -> _IncompatibleKeys:
-        """Loads the weights like Detectron2; raises ValueError if none belongs to the model."""
+        """Converts a foreign layout, then loads the weights like Detectron2; raises ValueError if
+        none belongs to the model."""
         file_keys = list(checkpoint.get("model", {}).keys()) if isinstance(checkpoint, dict) else []
+        if file_keys:
+            checkpoint["model"] = self._convert_foreign(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
         self._check_some_weights_loaded(incompatible, file_keys)
         return incompatible
 
-    def _check_some_weights_loaded(self, incompatible: _IncompatibleKeys, file_keys: List[str]) -> None:
+    def _convert_foreign(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
+        """`state_dict` in condinst_d2's layout: converted if its keys match a foreign format."""
+        fmt = detect_format(state_dict)
+        if fmt is None:
+            return state_dict
+        conversion = convert_state_dict(state_dict, fmt)
+        problems = check_derived(conversion, fmt, self.model)
+        if problems:
+            raise RuntimeError(f"checkpoint {self._loading_file!r}: " + "; ".join(problems))
+        logger.info(
+            "Converted %s from %s: %s", self._loading_file, fmt.description, conversion.summary()
+        )
+        return conversion.state_dict
+
+    def _check_some_weights_loaded(
+        self, incompatible: _IncompatibleKeys, file_keys: List[str]
+    ) -> None:
         """Raises ValueError if every model parameter is missing from the checkpoint.
 
         Parameters skipped for a shape mismatch count as present: the file is of this model.

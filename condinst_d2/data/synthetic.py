@@ -11,6 +11,8 @@ from typing import Dict, List, Tuple
 import cv2
 import numpy as np
 
+from ..utils import atomic_write
+
 __all__ = ["SHAPE_CLASSES", "render_scene", "write_coco_split"]
 
 SHAPE_CLASSES = ["circle", "square", "triangle", "star"]
@@ -30,7 +32,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _shape_polygon(rng: np.random.Generator, kind: str, cx: float, cy: float, r: float) -> np.ndarray:
+def _shape_polygon(
+    rng: np.random.Generator, kind: str, cx: float, cy: float, r: float
+) -> np.ndarray:
     """(K, 2) int32 outline of a shape of radius r centred at (cx, cy), randomly rotated."""
     angle = rng.uniform(0, 2 * np.pi)
     if kind == "circle":
@@ -45,15 +49,26 @@ def _shape_polygon(rng: np.random.Generator, kind: str, cx: float, cy: float, r:
     else:  # a five-pointed star
         t = angle + np.arange(10) * np.pi / 5
         radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
-    return np.stack([cx + radii * np.cos(t), cy + radii * np.sin(t)], axis=1).round().astype(np.int32)
+    return (
+        np.stack([cx + radii * np.cos(t), cy + radii * np.sin(t)], axis=1).round().astype(np.int32)
+    )
 
 
 def _mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3 and cv2.contourArea(c) > 1]
+    """Outer contours of an (h, w) mask as COCO polygons (flat x, y lists), without slivers."""
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    return [
+        c.reshape(-1).astype(float).tolist()
+        for c in contours
+        if len(c) >= 3 and cv2.contourArea(c) > 1
+    ]
 
 
-def render_scene(rng: np.random.Generator, h: int, w: int, max_objects: int = 6) -> Tuple[np.ndarray, List[Dict]]:
+def render_scene(
+    rng: np.random.Generator, h: int, w: int, max_objects: int = 6
+) -> Tuple[np.ndarray, List[Dict]]:
     """One scene: (h, w, 3) uint8 BGR image and its COCO annotations (without ids)."""
     image = _background(rng, h, w)
     masks, labels, drawn_areas = [], [], []
@@ -90,7 +105,9 @@ def render_scene(rng: np.random.Generator, h: int, w: int, max_objects: int = 6)
     return image, annotations
 
 
-def write_coco_split(out_dir: str, split: str, num_images: int, size: Tuple[int, int], seed: int) -> str:
+def write_coco_split(
+    out_dir: str, split: str, num_images: int, size: Tuple[int, int], seed: int
+) -> str:
     """Writes `num_images` scenes to out_dir/split/*.jpg and out_dir/split.json; returns the JSON
     path. Deterministic for a given seed; the JSON is written last, atomically."""
     rng = np.random.default_rng(seed)
@@ -101,14 +118,14 @@ def write_coco_split(out_dir: str, split: str, num_images: int, size: Tuple[int,
         h, w = size
         image, anns = render_scene(rng, h, w)
         file_name = f"{image_id:05d}.jpg"
-        if not cv2.imwrite(os.path.join(image_dir, file_name), image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-            raise OSError(f"could not write {os.path.join(image_dir, file_name)}")
+        image_path = os.path.join(image_dir, file_name)
+        if not cv2.imwrite(image_path, image, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            raise OSError(f"could not write {image_path}")
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for ann in anns:
             annotations.append({**ann, "id": len(annotations) + 1, "image_id": image_id})
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(SHAPE_CLASSES)]
     path = os.path.join(out_dir, f"{split}.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    os.replace(path + ".tmp", path)
     return path

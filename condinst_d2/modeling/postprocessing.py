@@ -15,9 +15,12 @@ full-resolution float mask.
 from typing import NamedTuple, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.structures import Instances
 
-__all__ = ["paste_masks", "postprocess"]
+from .layers import aligned_bilinear
+
+__all__ = ["paste_masks", "paste_masks_by_steps", "postprocess"]
 
 
 class _Taps(NamedTuple):
@@ -77,18 +80,48 @@ def _evaluate(probs: torch.Tensor, rows: _Taps, cols: _Taps, threshold: float) -
     )
 
 
-def paste_masks(
-    mask_probs: torch.Tensor,
-    padded_size: tuple,
-    image_size: tuple,
-    output_size: tuple,
-    threshold: float = 0.5,
-) -> torch.Tensor:
-    """(D, 1, hm, wm) probabilities on the padded canvas -> (D, H, W) bool masks."""
+def _upsample_factor(mask_probs: torch.Tensor, padded_size: Tuple[int, int]) -> int:
+    """f such that (hm, wm) masks tile the padded canvas as (f*hm, f*wm)."""
     hm, wm = mask_probs.shape[2:]
     factor = padded_size[0] // hm
     if factor * hm != padded_size[0] or factor * wm != padded_size[1]:
         raise ValueError(f"masks of size {(hm, wm)} do not tile {tuple(padded_size)}")
+    return factor
+
+
+def paste_masks_by_steps(
+    mask_probs: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """The authors' mask postprocessing, one full-resolution step after another: (D, 1, hm, wm)
+    probabilities on the padded canvas -> `aligned_bilinear` to (D, 1, Hp, Wp) -> crop to the
+    image's (h, w) -> bilinear resize (align_corners=False) to (H, W) -> threshold -> (D, H, W)
+    bool.
+
+    The reference that `paste_masks` is tested against. It holds D float masks of the padded and
+    of the output size at once (`paste_masks` holds none), but is a few standard tensor ops, as
+    an exported graph needs.
+    """
+    factor = _upsample_factor(mask_probs, padded_size)
+    up = aligned_bilinear(mask_probs, factor)[:, :, : image_size[0], : image_size[1]]
+    resized = F.interpolate(up, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return resized[:, 0] > threshold
+
+
+def paste_masks(
+    mask_probs: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """(D, 1, hm, wm) probabilities on the padded canvas -> (D, H, W) bool masks, as
+    `paste_masks_by_steps` (up to float rounding) but evaluating only where a mask can be on."""
+    hm, wm = mask_probs.shape[2:]
+    factor = _upsample_factor(mask_probs, padded_size)
     out = torch.zeros((len(mask_probs), *output_size), dtype=torch.bool, device=mask_probs.device)
     if len(mask_probs) == 0:
         return out

@@ -2,7 +2,7 @@
 generator that hands CondInst the instances it needs.
 
 Shape shorthand: N: images, L: levels, K: classes, T: all locations of the batch (level first),
-P: positive locations, D: detections of one image, Pm: dynamic mask-head parameters.
+P: positive locations of one image, D: detections of one image, Pm: dynamic mask-head parameters.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -16,15 +16,23 @@ from torch import nn
 from ..layers import compute_locations
 from .head import FCOSHead, HeadOutputs
 from .inference import candidates_single_level, select_over_all_levels
-from .losses import ctrness_targets, fcos_losses
-from .targets import fcos_targets
+from .losses import fcos_losses
+from .targets import FCOSTargets, fcos_targets, level_sizes_of_interest
 
 __all__ = ["FCOS"]
 
 
-def _flatten_level_first(per_level: List[torch.Tensor]) -> torch.Tensor:
+def _predictions_level_first(per_level: List[torch.Tensor]) -> torch.Tensor:
     """L tensors (N, C, Hl, Wl) -> (T, C), ordered (level, image, y, x) like the targets."""
     return torch.cat([x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in per_level])
+
+
+def _split_images(instances: Instances, image_sizes: List[Tuple[int, int]]) -> List[Instances]:
+    """Instances of the whole batch (with im_inds) -> one Instances per image, order kept."""
+    return [
+        Instances(size, **instances[instances.im_inds == i].get_fields())
+        for i, size in enumerate(image_sizes)
+    ]
 
 
 def _check_supported(cfg) -> None:
@@ -53,9 +61,10 @@ def _check_supported(cfg) -> None:
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class FCOS(nn.Module):
-    """Dense per-location detector. In training it returns the positive locations (with their
-    matched GT, image, level, predictions and, given a controller, mask-head parameters) and the
-    FCOS losses; at inference it returns the detections of each image."""
+    """Dense per-location detector. Returns, for each image, an Instances of the locations the
+    mask head works on: in training the positive locations (with their matched GT, level,
+    predictions and, given a controller, mask-head parameters) next to the FCOS losses; at
+    inference the detections."""
 
     @configurable
     def __init__(
@@ -72,12 +81,22 @@ class FCOS(nn.Module):
         loc_loss_type: str,
         loss_weight_cls: float,
         thresh_with_ctr: bool,
-        score_thresh: Tuple[float, float],
-        pre_nms_topk: Tuple[int, int],
-        post_nms_topk: Tuple[int, int],
+        score_thresh: float,
+        pre_nms_topk: int,
         nms_thresh: float,
+        max_detections_per_image: int,
+        box_nms: bool = True,
     ):
-        """`score_thresh`, `pre_nms_topk` and `post_nms_topk` are (training, test) pairs."""
+        """
+        Args:
+            sizes_of_interest: one per level (`level_sizes_of_interest`).
+            center_sample_radius: in units of the level's stride; None: no center sampling.
+            score_thresh, pre_nms_topk: candidate threshold and candidates kept per level and
+                image at inference.
+            max_detections_per_image: detections kept per image (<= 0: all).
+            box_nms: class-aware box NMS at `nms_thresh` before keeping the best; False hands
+                over the best candidates unsuppressed (for CondInst's mask NMS).
+        """
         super().__init__()
         self.fcos_head = head
         self.in_features = in_features
@@ -94,8 +113,9 @@ class FCOS(nn.Module):
         self.thresh_with_ctr = thresh_with_ctr
         self.score_thresh = score_thresh
         self.pre_nms_topk = pre_nms_topk
-        self.post_nms_topk = post_nms_topk
         self.nms_thresh = nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.box_nms = box_nms
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec], num_dynamic_params: int = 0):
@@ -118,17 +138,17 @@ class FCOS(nn.Module):
             "in_features": fcos.IN_FEATURES,
             "strides": fcos.FPN_STRIDES,
             "num_classes": fcos.NUM_CLASSES,
-            "sizes_of_interest": fcos.SIZES_OF_INTEREST,
+            "sizes_of_interest": level_sizes_of_interest(fcos.SIZES_OF_INTEREST),
             "center_sample_radius": fcos.POS_RADIUS if fcos.CENTER_SAMPLE else None,
             "focal_alpha": fcos.LOSS_ALPHA,
             "focal_gamma": fcos.LOSS_GAMMA,
             "loc_loss_type": fcos.LOC_LOSS_TYPE,
             "loss_weight_cls": fcos.LOSS_WEIGHT_CLS,
             "thresh_with_ctr": fcos.THRESH_WITH_CTR,
-            "score_thresh": (fcos.INFERENCE_TH_TRAIN, fcos.INFERENCE_TH_TEST),
-            "pre_nms_topk": (fcos.PRE_NMS_TOPK_TRAIN, fcos.PRE_NMS_TOPK_TEST),
-            "post_nms_topk": (fcos.POST_NMS_TOPK_TRAIN, fcos.POST_NMS_TOPK_TEST),
+            "score_thresh": fcos.INFERENCE_TH_TEST,
+            "pre_nms_topk": fcos.PRE_NMS_TOPK_TEST,
             "nms_thresh": fcos.NMS_TH,
+            "max_detections_per_image": fcos.POST_NMS_TOPK_TEST,
         }
 
     def forward(
@@ -136,34 +156,36 @@ class FCOS(nn.Module):
         images: ImageList,
         features: Dict[str, torch.Tensor],
         gt_instances: Optional[List[Instances]] = None,
-    ):
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
         """
         Returns:
-            In training: (positives, losses), positives an Instances of P locations with fields
-            labels, gt_inds, im_inds, fpn_levels, loc_inds, locations, reg_targets, gt_ctrs,
-            logits_pred (P, K), reg_pred (P, 4), ctrness_pred (P,) and, given a controller,
-            mask_head_params (P, Pm).
-            At inference: (detections, {}), N Instances of D detections with pred_boxes, scores,
-            pred_classes, locations, fpn_levels, loc_inds and, given a controller,
-            mask_head_params (D, Pm).
+            N Instances, one per image (of its size in the batch), and the losses (empty at
+            inference). Every Instances has im_inds, fpn_levels, loc_inds (row-major index on
+            the level), locations (R, 2) and, given a controller, mask_head_params (R, Pm):
+            in training for the P positive locations, plus gt_inds (into the batch's
+            concatenated GTs), logits_pred (P, K) and ctrness_pred (P,), in (level, location)
+            order; at inference for the D detections, plus pred_boxes, scores and
+            pred_classes, by decreasing score.
         """
         feats = [features[f] for f in self.in_features]
-        locations = [
-            compute_locations(x.shape[2], x.shape[3], s, x.device) for x, s in zip(feats, self.strides)
-        ]
+        locations = self.level_locations(feats)
         outputs = self.fcos_head(feats)
         if self.training:
-            return self.losses(outputs, locations, gt_instances, images.tensor.shape[-2:])
+            return self.forward_training(outputs, locations, gt_instances, images)
         return self.inference(outputs, locations, images.image_sizes), {}
 
-    def losses(
-        self,
-        outputs: HeadOutputs,
-        locations: List[torch.Tensor],
-        gt_instances: List[Instances],
-        padded_size: Tuple[int, int],
-    ) -> Tuple[Instances, Dict[str, torch.Tensor]]:
-        targets = fcos_targets(
+    def level_locations(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Image coordinates (Ml, 2) of the locations of each of the L (N, C, Hl, Wl) levels."""
+        return [
+            compute_locations(x.shape[2], x.shape[3], stride, x.device)
+            for x, stride in zip(feats, self.strides)
+        ]
+
+    def label_locations(
+        self, locations: List[torch.Tensor], gt_instances: List[Instances]
+    ) -> FCOSTargets:
+        """The training targets of every location of the batch (see `fcos_targets`)."""
+        return fcos_targets(
             locations,
             gt_instances,
             self.strides,
@@ -171,27 +193,43 @@ class FCOS(nn.Module):
             self.num_classes,
             self.center_sample_radius,
         )
-        logits = _flatten_level_first(outputs.logits)
-        reg_pred = _flatten_level_first(outputs.bbox_reg)
-        ctrness_pred = _flatten_level_first(outputs.ctrness).squeeze(1)
+
+    def forward_training(
+        self,
+        outputs: HeadOutputs,
+        locations: List[torch.Tensor],
+        gt_instances: List[Instances],
+        images: ImageList,
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
+        targets = self.label_locations(locations, gt_instances)
+        logits = _predictions_level_first(outputs.logits)
+        ctrness_pred = _predictions_level_first(outputs.ctrness).squeeze(1)
         losses = fcos_losses(
-            logits, reg_pred, ctrness_pred, targets.labels, targets.reg_targets, **self.loss_kwargs
+            logits,
+            _predictions_level_first(outputs.bbox_reg),
+            ctrness_pred,
+            targets.labels,
+            targets.reg_targets,
+            **self.loss_kwargs,
         )
         pos = torch.nonzero(targets.labels != self.num_classes).squeeze(1)
-        positives = Instances(tuple(padded_size))
-        for name in ("labels", "gt_inds", "im_inds", "fpn_levels", "loc_inds", "locations"):
+        positives = Instances(tuple(images.tensor.shape[-2:]))  # all images, on the padded canvas
+        for name in ("gt_inds", "im_inds", "fpn_levels", "loc_inds", "locations"):
             positives.set(name, getattr(targets, name)[pos])
-        positives.reg_targets = targets.reg_targets[pos]
-        positives.gt_ctrs = ctrness_targets(positives.reg_targets)
         positives.logits_pred = logits[pos]
-        positives.reg_pred = reg_pred[pos]
         positives.ctrness_pred = ctrness_pred[pos]
+        # One controller evaluation for the whole batch, then split.
         self._add_mask_head_params(outputs, positives)
-        return positives, losses
+        return _split_images(positives, images.image_sizes), losses
 
     @torch.no_grad()
-    def _candidates(self, outputs: HeadOutputs, locations, image_sizes) -> List[List[Instances]]:
-        mode = 0 if self.training else 1
+    def _candidates(
+        self,
+        outputs: HeadOutputs,
+        locations: List[torch.Tensor],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[List[Instances]]:
+        """L lists of N Instances: each level's scored candidate boxes of each image."""
         return [
             candidates_single_level(
                 loc,
@@ -201,8 +239,8 @@ class FCOS(nn.Module):
                 stride,
                 level,
                 image_sizes,
-                score_thresh=self.score_thresh[mode],
-                pre_nms_topk=self.pre_nms_topk[mode],
+                score_thresh=self.score_thresh,
+                pre_nms_topk=self.pre_nms_topk,
                 thresh_with_ctr=self.thresh_with_ctr,
             )
             for level, (loc, logits, reg, ctr, stride) in enumerate(
@@ -216,9 +254,12 @@ class FCOS(nn.Module):
         locations: List[torch.Tensor],
         image_sizes: List[Tuple[int, int]],
     ) -> List[Instances]:
-        mode = 0 if self.training else 1
-        per_level = self._candidates(outputs, locations, image_sizes)
-        detections = select_over_all_levels(per_level, self.nms_thresh, self.post_nms_topk[mode])
+        detections = select_over_all_levels(
+            self._candidates(outputs, locations, image_sizes),
+            box_nms=self.box_nms,
+            nms_thresh=self.nms_thresh,
+            max_detections=self.max_detections_per_image,
+        )
         for im_id, det in enumerate(detections):
             det.im_inds = torch.full_like(det.pred_classes, im_id)
             self._add_mask_head_params(outputs, det)

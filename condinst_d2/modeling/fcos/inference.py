@@ -63,20 +63,26 @@ def candidates_single_level(
 
 
 def select_over_all_levels(
-    per_level: List[List[Instances]], nms_thresh: float, post_nms_topk: int
+    per_level: List[List[Instances]], *, box_nms: bool, nms_thresh: float, max_detections: int
 ) -> List[Instances]:
-    """Concatenates each image's levels, runs class-aware NMS (boxes unclipped) and keeps the
-    `post_nms_topk` best, sorted by decreasing score."""
+    """Concatenates each image's levels and keeps its `max_detections` best (<= 0: all), sorted
+    by decreasing score.
+
+    Args:
+        per_level: L lists of N Instances, from `candidates_single_level`.
+        box_nms: run class-aware NMS at IoU `nms_thresh` (boxes unclipped, as the authors do)
+            first; without it the best candidates are kept unsuppressed (for a later mask NMS).
+    """
     results = []
     for per_image in zip(*per_level):
         candidates = Instances.cat(list(per_image))
-        if nms_thresh > 0:
+        if box_nms:
             keep = batched_nms(
                 candidates.pred_boxes.tensor, candidates.scores, candidates.pred_classes, nms_thresh
             )
         else:
             keep = torch.argsort(candidates.scores, descending=True)
-        if post_nms_topk > 0:
-            keep = keep[:post_nms_topk]
+        if max_detections > 0:
+            keep = keep[:max_detections]
         results.append(candidates[keep])
     return results

@@ -5,12 +5,19 @@ Shape shorthand:
     T = N * M: all locations of the batch, flattened level first (level, image, location).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.structures import Instances
 
-__all__ = ["INF", "FCOSTargets", "sizes_of_interest_ranges", "fcos_targets", "mask_centroids"]
+__all__ = [
+    "INF",
+    "FCOSTargets",
+    "level_sizes_of_interest",
+    "sizes_of_interest_ranges",
+    "fcos_targets",
+    "mask_centroids",
+]
 
 INF = 100000000
 
@@ -28,10 +35,25 @@ class FCOSTargets:
     locations: torch.Tensor  # (T, 2) (x, y) image coordinates
 
 
-def sizes_of_interest_ranges(sizes: Sequence[float]) -> List[List[float]]:
-    """[64, 128, 256, 512] -> [[-1, 64], [64, 128], [128, 256], [256, 512], [512, INF]]."""
-    bounds = [-1] + list(sizes) + [INF]
-    return [[lo, hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+def level_sizes_of_interest(bounds: Sequence[float]) -> List[float]:
+    """MODEL.FCOS.SIZES_OF_INTEREST (the L - 1 object sizes between levels) -> one size per level.
+
+    [64, 128, 256, 512] -> [64, 128, 256, 512, 1024]: the last level's size is twice the last bound.
+    The only place the config list is extended: a level's size bounds the objects it regresses
+    (`sizes_of_interest_ranges`) and normalises the relative coordinates of the instances it
+    generates (the dynamic mask head), as in the authors' code.
+    """
+    return list(bounds) + [2 * bounds[-1]]
+
+
+def sizes_of_interest_ranges(level_sizes: Sequence[float]) -> List[List[float]]:
+    """Per-level [lower, upper] bounds on max(l, t, r, b): the previous level's size (-1 on the
+    first level) to the level's own size (INF on the last level).
+
+    [64, 128, 256, 512, 1024] -> [[-1, 64], [64, 128], [128, 256], [256, 512], [512, INF]].
+    """
+    upper = list(level_sizes[:-1]) + [INF]
+    return [[lo, hi] for lo, hi in zip([-1] + upper[:-1], upper)]
 
 
 def mask_centroids(bitmasks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -121,7 +143,7 @@ def fcos_targets(
     locations: List[torch.Tensor],
     gt_instances: List[Instances],
     strides: Sequence[int],
-    sizes_of_interest: Sequence[float],
+    level_sizes: Sequence[float],
     num_classes: int,
     center_sample_radius: Optional[float],
 ) -> FCOSTargets:
@@ -130,17 +152,26 @@ def fcos_targets(
     Args:
         locations: L tensors (Ml, 2), from `compute_locations`.
         gt_instances: N Instances with gt_boxes, gt_classes and optionally gt_bitmasks_full.
+        strides: L strides; level_sizes: L sizes of interest (`level_sizes_of_interest`).
         center_sample_radius: POS_RADIUS, or None to disable center sampling.
     """
+    if not len(locations) == len(strides) == len(level_sizes):
+        raise ValueError(
+            f"{len(locations)} levels of locations need as many strides ({len(strides)}) and "
+            f"sizes of interest ({len(level_sizes)})"
+        )
     num_locs = [len(loc) for loc in locations]
-    ranges = sizes_of_interest_ranges(sizes_of_interest)
+    ranges = sizes_of_interest_ranges(level_sizes)
     size_ranges = torch.cat(
         [loc.new_tensor(r)[None].expand(n, 2) for loc, r, n in zip(locations, ranges, num_locs)]
     )
     radii = None
     if center_sample_radius is not None:
         radii = torch.cat(
-            [loc.new_full((n,), s * center_sample_radius) for loc, s, n in zip(locations, strides, num_locs)]
+            [
+                loc.new_full((n,), s * center_sample_radius)
+                for loc, s, n in zip(locations, strides, num_locs)
+            ]
         )
     all_locations = torch.cat(locations)
     per_image, num_gts = [], 0
@@ -148,11 +179,16 @@ def fcos_targets(
         labels, reg, gt_inds = _targets_per_image(gt, all_locations, size_ranges, radii, num_classes)
         per_image.append((labels, reg, gt_inds + num_gts * (gt_inds >= 0)))
         num_gts += len(gt)
-    return _flatten_level_first(per_image, locations, strides)
+    return _level_first_targets(per_image, locations, strides)
 
 
-def _flatten_level_first(per_image, locations: List[torch.Tensor], strides) -> FCOSTargets:
-    """Turns per-image (labels, reg, gt_inds) over all levels into level-first batch tensors."""
+def _level_first_targets(
+    per_image: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    locations: List[torch.Tensor],
+    strides: Sequence[int],
+) -> FCOSTargets:
+    """Each image's (labels (M,), reg (M, 4) in pixels, gt_inds (M,)) over all its levels ->
+    the batch's targets ordered (level, image, location), reg divided by the level's stride."""
     num_locs = [len(loc) for loc in locations]
     fields = {k: [] for k in FCOSTargets.__dataclass_fields__}
     split = [[t.split(num_locs) for t in im] for im in per_image]
