@@ -1,4 +1,5 @@
 """condinst_d2: CondInst (Tian, Shen, Chen, ECCV 2020) as a Detectron2 project extension."""
+
 import os
 import re
 

@@ -8,6 +8,7 @@
 
 On a machine without CUDA, --num-gpus N runs N CPU processes over gloo.
 """
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm

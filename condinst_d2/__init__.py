@@ -3,6 +3,7 @@
 Importing the package registers `CondInst` (META_ARCH_REGISTRY), `FCOS`
 (PROPOSAL_GENERATOR_REGISTRY) and `build_fcos_resnet_fpn_backbone` (BACKBONE_REGISTRY).
 """
+
 from . import checkpoint  # noqa: F401  (registers the efficientnet-lite0:// weights path with PathManager)
 from .config import add_condinst_config, get_condinst_cfg
 from .modeling import (

@@ -4,6 +4,7 @@
 Keys that exist only so that the authors' YAMLs merge unchanged are accepted, and values this
 implementation does not provide are rejected with a clear error when the model is built.
 """
+
 import logging
 from typing import Sequence
 
@@ -64,7 +65,9 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.MASK_NMS_TH = 0.6  # mask IoU threshold of the mask NMS
     _C.MASK_NMS_PRE_TOPK = 1000  # best FCOS candidates per image (no box NMS) given to mask NMS
     _C.MASK_NMS_POST_TOPK = 100  # detections kept per image after mask NMS
-    _C.CHANNELS_LAST = True  # inference in channels-last layout (equal up to rounding; False: bit-exact)
+    _C.CHANNELS_LAST = (
+        True  # inference in channels-last layout (equal up to rounding; False: bit-exact)
+    )
 
     _C.MASK_HEAD = CN()
     _C.MASK_HEAD.CHANNELS = 8  # channels of the dynamic mask head's hidden layers
@@ -107,6 +110,8 @@ def get_condinst_cfg(config_file: str, opts: Sequence[str] = ()) -> CN:
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.info("CUDA is not available: running on the CPU (MODEL.DEVICE %s -> cpu)", cfg.MODEL.DEVICE)
+        logger.info(
+            "CUDA is not available: running on the CPU (MODEL.DEVICE %s -> cpu)", cfg.MODEL.DEVICE
+        )
         cfg.MODEL.DEVICE = "cpu"
     return cfg

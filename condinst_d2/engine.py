@@ -1,5 +1,6 @@
 """Training and evaluation on top of Detectron2's DefaultTrainer, shared by train_net.py and the
 quick-start."""
+
 import contextlib
 import logging
 import os

@@ -1,4 +1,5 @@
 """Test helpers: the reference fixtures in ../shared and small CondInst models on CPU."""
+
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CONDINST_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "authors_condinst"
 CASES = ["tiny_base", "tiny_sem", "tiny_variants"]
-
 
 
 def require_fixtures() -> Path:
@@ -80,9 +80,13 @@ def synthetic_instances(h: int, w: int, boxes, classes) -> Instances:
 
 def assert_same_detections(out, ref, what: str):
     """Parity bar of the reference fixtures: count, classes, boxes, scores and mask pixels."""
-    assert len(out) == len(ref["scores"]), f"{what}: {len(out)} detections, reference {len(ref['scores'])}"
+    assert len(out) == len(ref["scores"]), (
+        f"{what}: {len(out)} detections, reference {len(ref['scores'])}"
+    )
     np.testing.assert_array_equal(out.pred_classes.numpy(), ref["pred_classes"], err_msg=what)
     np.testing.assert_allclose(out.scores.numpy(), ref["scores"], rtol=0, atol=1e-4, err_msg=what)
-    np.testing.assert_allclose(out.pred_boxes.tensor.numpy(), ref["pred_boxes"], rtol=0, atol=1e-2, err_msg=what)
+    np.testing.assert_allclose(
+        out.pred_boxes.tensor.numpy(), ref["pred_boxes"], rtol=0, atol=1e-2, err_msg=what
+    )
     agreement = (out.pred_masks.numpy() == ref["pred_masks"].astype(bool)).mean()
     assert agreement >= 0.9999, f"{what}: masks agree on {agreement:.6%} of pixels"

@@ -1,4 +1,5 @@
 """Bad and unusual input images through CondInstDatasetMapper: clear errors or correct reads."""
+
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -32,10 +33,19 @@ def mapper(cfg) -> CondInstDatasetMapper:
 def record(path: Path, height: int, width: int) -> Dict[str, Any]:
     """A dataset dict with one polygon annotation covering the whole image."""
     poly = [0.0, 0.0, width, 0.0, width, height, 0.0, height]
-    ann = {"bbox": [0, 0, width, height], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
-           "segmentation": [poly]}
-    return {"file_name": str(path), "height": height, "width": width, "image_id": 0,
-            "annotations": [ann]}
+    ann = {
+        "bbox": [0, 0, width, height],
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": 0,
+        "segmentation": [poly],
+    }
+    return {
+        "file_name": str(path),
+        "height": height,
+        "width": width,
+        "image_id": 0,
+        "annotations": [ann],
+    }
 
 
 def save(path: Path, array: np.ndarray, **kwargs) -> Tuple[Path, int, int]:
@@ -135,7 +145,9 @@ def test_one_pixel_and_huge_images(mapper, tmp_path):
 def test_training_step_on_tiny_and_gray_images(cfg, mapper, tmp_path):
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    for name, array in (("one.png", np.full((1, 1, 3), 9, np.uint8)),
-                        ("gray.png", np.full((32, 48), 77, np.uint8))):
+    for name, array in (
+        ("one.png", np.full((1, 1, 3), 9, np.uint8)),
+        ("gray.png", np.full((32, 48), 77, np.uint8)),
+    ):
         losses = model([map_ok(mapper, *save(tmp_path / name, array))])
         assert losses and all(torch.isfinite(v).all() for v in losses.values()), (name, losses)

@@ -1,5 +1,6 @@
 """tools/benchmark.py runs end to end and reports every measurement (at small sizes; the speed
 itself is the benchmark's business, never asserted here)."""
+
 import json
 import subprocess
 import sys
@@ -11,17 +12,39 @@ def test_benchmark_runs_and_reports_all_measurements(tmp_path):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--repeats", "1", "--size", "128", "192",
-         "--large-size", "160", "224", "--json", str(out), "--plot", str(plot)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "benchmark.py"),
+            "--repeats",
+            "1",
+            "--size",
+            "128",
+            "192",
+            "--large-size",
+            "160",
+            "224",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["end_to_end"]["condinst"]["detections"] == r["end_to_end"]["mask_rcnn"]["detections"] == 100
+    assert (
+        r["end_to_end"]["condinst"]["detections"]
+        == r["end_to_end"]["mask_rcnn"]["detections"]
+        == 100
+    )
     assert set(r["mask_stage"]) == {"1", "10", "50", "100"}
     for section in (r["end_to_end"], r["training"], r["peak_memory_mib"], r["slope_ms"]):
         assert set(section) == {"condinst", "mask_rcnn"}
-    assert all(v > 0 for v in r["training"].values()) and all(v > 0 for v in r["peak_memory_mib"].values())
+    assert all(v > 0 for v in r["training"].values()) and all(
+        v > 0 for v in r["peak_memory_mib"].values()
+    )
     assert r["hardware"]["condinst_gflops"] > 1 and r["hardware"]["conv_gflops"] > 1
     assert "| inference 128x192 (100 vs 100 detections)" in result.stdout
     assert "CondInst / Mask R-CNN" in result.stdout

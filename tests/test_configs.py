@@ -1,4 +1,5 @@
 """Every YAML merges and builds; the authors' merged configs merge unchanged; bad settings fail early."""
+
 import pytest
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
@@ -21,7 +22,11 @@ def test_defaults_are_the_authors():
     cfg = get_cfg()
     add_condinst_config(cfg)
     assert cfg.MODEL.FCOS.SIZES_OF_INTEREST == [64, 128, 256, 512]
-    assert (cfg.MODEL.FCOS.NMS_TH, cfg.MODEL.FCOS.POS_RADIUS, cfg.MODEL.FCOS.THRESH_WITH_CTR) == (0.6, 1.5, False)
+    assert (cfg.MODEL.FCOS.NMS_TH, cfg.MODEL.FCOS.POS_RADIUS, cfg.MODEL.FCOS.THRESH_WITH_CTR) == (
+        0.6,
+        1.5,
+        False,
+    )
     assert (cfg.MODEL.CONDINST.MASK_OUT_STRIDE, cfg.MODEL.CONDINST.MASK_HEAD.CHANNELS) == (4, 8)
     ci = cfg.MODEL.CONDINST
     assert ci.MASK_NMS is False
@@ -63,10 +68,16 @@ def test_config_merges_and_builds(path):
 
 def test_paper_variants_differ_as_named():
     depth = {p.stem: condinst_cfg(p).MODEL.RESNETS.DEPTH for p in CONFIGS}
-    assert depth["MS_R_50_3x"] == 50 and depth["MS_R_101_3x"] == 101 and depth["MS_R_101_3x_sem"] == 101
+    assert (
+        depth["MS_R_50_3x"] == 50
+        and depth["MS_R_101_3x"] == 101
+        and depth["MS_R_101_3x_sem"] == 101
+    )
     assert condinst_cfg(ROOT / "configs/CondInst/MS_R_50_3x.yaml").SOLVER.MAX_ITER == 270000
     assert condinst_cfg(ROOT / "configs/CondInst/MS_R_50_1x.yaml").SOLVER.MAX_ITER == 90000
-    assert condinst_cfg(ROOT / "configs/CondInst/MS_R_50_3x_sem.yaml").MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON
+    assert condinst_cfg(
+        ROOT / "configs/CondInst/MS_R_50_3x_sem.yaml"
+    ).MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -88,7 +99,10 @@ def test_unknown_key_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"MODEL.CONDINST.MAX_PROPOSALS": 500, "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM": 64}, "cannot both be set"),
+        (
+            {"MODEL.CONDINST.MAX_PROPOSALS": 500, "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM": 64},
+            "cannot both be set",
+        ),
         ({"MODEL.CONDINST.BOTTOM_PIXELS_REMOVED": 10}, "BOTTOM_PIXELS_REMOVED"),
         ({"MODEL.FCOS.USE_DEFORMABLE": True}, "USE_DEFORMABLE"),
         ({"MODEL.FCOS.TOP_LEVELS": 1}, "TOP_LEVELS"),

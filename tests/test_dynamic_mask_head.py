@@ -1,4 +1,5 @@
 """Dynamic mask head: parameter layout, relative coordinates, the 1x1-conv chain and its loss."""
+
 import math
 
 import pytest

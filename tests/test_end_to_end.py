@@ -1,5 +1,6 @@
 """Detectron2-style end-to-end cases on CPU: empty and half-empty batches, eval, zero detections,
 images of different sizes, the mask-head sampling options and mask NMS."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,9 @@ from helpers import (
 
 
 def _image(h, w, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).integers(0, 255, (3, h, w), dtype=np.uint8)).float()
+    return torch.from_numpy(
+        np.random.default_rng(seed).integers(0, 255, (3, h, w), dtype=np.uint8)
+    ).float()
 
 
 def _empty_instances(h, w):
@@ -46,10 +49,16 @@ def _assert_every_parameter_has_a_gradient(model):
 
 @pytest.mark.parametrize("semantic", [False, True])
 def test_batch_without_instances_trains(semantic):
-    model = build_model(small_cfg(**{"MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON": semantic})).train()
-    inputs = [{"image": _image(96, 128, i), "instances": _empty_instances(96, 128)} for i in range(2)]
+    model = build_model(
+        small_cfg(**{"MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON": semantic})
+    ).train()
+    inputs = [
+        {"image": _image(96, 128, i), "instances": _empty_instances(96, 128)} for i in range(2)
+    ]
     losses = _train_step(model, inputs)
-    expected = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask"} | ({"loss_sem"} if semantic else set())
+    expected = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask"} | (
+        {"loss_sem"} if semantic else set()
+    )
     assert set(losses) == expected
     for name, value in losses.items():
         assert torch.isfinite(value), name
@@ -62,7 +71,12 @@ def test_batch_without_instances_trains(semantic):
 def test_half_empty_batch_trains():
     model = build_model(small_cfg()).train()
     inputs = [
-        {"image": _image(96, 128, 0), "instances": synthetic_instances(96, 128, [[10, 12, 70, 80], [60, 20, 120, 60]], [1, 2])},
+        {
+            "image": _image(96, 128, 0),
+            "instances": synthetic_instances(
+                96, 128, [[10, 12, 70, 80], [60, 20, 120, 60]], [1, 2]
+            ),
+        },
         {"image": _image(64, 96, 1), "instances": _empty_instances(64, 96)},
     ]
     losses = _train_step(model, inputs)
@@ -86,7 +100,9 @@ def test_eval_on_cpu_resizes_to_requested_output():
 def test_zero_detections():
     model = build_model(small_cfg(**{"MODEL.FCOS.INFERENCE_TH_TEST": 1.0})).eval()
     with torch.no_grad():
-        outputs = model([{"image": _image(100, 140)}, {"image": _image(64, 64, 1), "height": 32, "width": 32}])
+        outputs = model(
+            [{"image": _image(100, 140)}, {"image": _image(64, 64, 1), "height": 32, "width": 32}]
+        )
     assert [len(o["instances"]) for o in outputs] == [0, 0]
     assert outputs[0]["instances"].pred_masks.shape == (0, 100, 140)
     assert outputs[1]["instances"].pred_masks.shape == (0, 32, 32)
@@ -111,8 +127,13 @@ def test_images_of_different_sizes_in_one_call():
     assert len(out) > 0 and len(alone) > 0
 
 
-@pytest.mark.parametrize("overrides", [{"MODEL.CONDINST.MAX_PROPOSALS": 10},
-                                       {"MODEL.CONDINST.MAX_PROPOSALS": -1, "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM": 12}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"MODEL.CONDINST.MAX_PROPOSALS": 10},
+        {"MODEL.CONDINST.MAX_PROPOSALS": -1, "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM": 12},
+    ],
+)
 def test_mask_head_sampling_options(overrides):
     case_dir = require_fixtures() / "tiny_base"
     model = build_model(condinst_cfg(case_dir / "config_condinst.yaml", **overrides)).train()
@@ -158,7 +179,9 @@ def test_fcos_returns_one_instances_per_image_in_training_and_inference():
 def test_mask_nms_option():
     case_dir = require_fixtures() / "tiny_base"
     box_nms = build_model(condinst_cfg(case_dir / "config_condinst.yaml")).eval()
-    mask_nms = build_model(condinst_cfg(case_dir / "config_condinst.yaml", **{"MODEL.CONDINST.MASK_NMS": True})).eval()
+    mask_nms = build_model(
+        condinst_cfg(case_dir / "config_condinst.yaml", **{"MODEL.CONDINST.MASK_NMS": True})
+    ).eval()
     for model in (box_nms, mask_nms):
         CondInstCheckpointer(model).load(str(case_dir / "model.pth"))
     _, image, ref = next(inference_cases(case_dir))

@@ -1,4 +1,5 @@
 """aligned_bilinear, compute_locations, mask pasting / postprocess and mask NMS on tiny inputs."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,12 @@ def test_compute_locations():
 def test_postprocess_scales_clips_drops_and_crops():
     # image 16x24 inside a 32x32 padded canvas, masks at stride 4 (8x8); output 32x48 (x2).
     det = Instances((16, 24))
-    boxes = [[2.0, 2.0, 10.0, 12.0], [20.0, 4.0, 30.0, 14.0], [25.0, 2.0, 30.0, 10.0], [0.0, 0.0, 4.0, 4.0]]
+    boxes = [
+        [2.0, 2.0, 10.0, 12.0],
+        [20.0, 4.0, 30.0, 14.0],
+        [25.0, 2.0, 30.0, 10.0],
+        [0.0, 0.0, 4.0, 4.0],
+    ]
     det.pred_boxes = Boxes(torch.tensor(boxes))
     det.scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     det.pred_classes = torch.tensor([1, 2, 3, 4])
@@ -71,7 +77,9 @@ def test_postprocess_scales_clips_drops_and_crops():
     probs[3, 0, :, :3] = 1.0  # columns 0..2 of the mask grid
     out = postprocess(det, probs, (32, 32), 32, 48)
     assert out.image_size == (32, 48)
-    expected_boxes = torch.tensor([[4.0, 4.0, 20.0, 24.0], [40.0, 8.0, 48.0, 28.0], [0.0, 0.0, 8.0, 8.0]])
+    expected_boxes = torch.tensor(
+        [[4.0, 4.0, 20.0, 24.0], [40.0, 8.0, 48.0, 28.0], [0.0, 0.0, 8.0, 8.0]]
+    )
     torch.testing.assert_close(out.pred_boxes.tensor, expected_boxes)
     torch.testing.assert_close(out.scores, torch.tensor([0.9, 0.8, 0.6]))
     assert out.pred_classes.tolist() == [1, 2, 4]
@@ -89,7 +97,11 @@ def test_postprocess_scales_clips_drops_and_crops():
 
 @pytest.mark.parametrize(
     "mask_size, factor, image, output",
-    [((4, 4), 4, (14, 12), (20, 30)), ((30, 40), 4, (117, 150), (117, 150)), ((25, 20), 2, (50, 37), (33, 70))],
+    [
+        ((4, 4), 4, (14, 12), (20, 30)),
+        ((30, 40), 4, (117, 150), (117, 150)),
+        ((25, 20), 2, (50, 37), (33, 70)),
+    ],
 )
 def test_paste_masks_matches_step_by_step_reference(mask_size, factor, image, output):
     """Only the rows/columns that reach a mask's above-threshold pixels are evaluated; the

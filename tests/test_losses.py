@@ -1,4 +1,5 @@
 """FCOS losses (focal, GIoU, centerness) and the dice loss of the mask head, against hand values."""
+
 import math
 
 import pytest
@@ -24,13 +25,19 @@ def test_ctrness_targets():
 def test_giou_hand_cases():
     one = torch.ones(1)
     # concentric 2x2 pred in 4x4 target: inter 4, union 16, IoU 5/17, enclose = union
-    assert iou_loss(_t([1, 1, 1, 1]), _t([2, 2, 2, 2]), one).item() == pytest.approx(12 / 17, rel=1e-6)
+    assert iou_loss(_t([1, 1, 1, 1]), _t([2, 2, 2, 2]), one).item() == pytest.approx(
+        12 / 17, rel=1e-6
+    )
     # shifted 4x4 boxes: inter 3*3 = 9, union 23, IoU 10/24, enclose 5*5 = 25
     expected = 1 - (10 / 24 - (25 - 23) / 25)
-    assert iou_loss(_t([1, 1, 3, 3]), _t([2, 2, 2, 2]), one).item() == pytest.approx(expected, rel=1e-6)
+    assert iou_loss(_t([1, 1, 3, 3]), _t([2, 2, 2, 2]), one).item() == pytest.approx(
+        expected, rel=1e-6
+    )
     # disjoint diagonal 2x2 boxes: inter 0, union 8, IoU 1/9, enclose 16
     expected = 1 - (1 / 9 - (16 - 8) / 16)
-    assert iou_loss(_t([2, 2, 0, 0]), _t([0, 0, 2, 2]), one).item() == pytest.approx(expected, rel=1e-6)
+    assert iou_loss(_t([2, 2, 0, 0]), _t([0, 0, 2, 2]), one).item() == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_giou_identical_large_boxes_is_zero():
@@ -51,8 +58,12 @@ def test_iou_and_linear_iou_types():
     target = _t([2, 2, 2, 2], [2, 2, 2, 2])
     w = torch.ones(2)
     ious = [5 / 17, 10 / 24]
-    assert iou_loss(pred, target, w, "iou").item() == pytest.approx(-sum(map(math.log, ious)), rel=1e-6)
-    assert iou_loss(pred, target, w, "linear_iou").item() == pytest.approx(sum(1 - i for i in ious), rel=1e-6)
+    assert iou_loss(pred, target, w, "iou").item() == pytest.approx(
+        -sum(map(math.log, ious)), rel=1e-6
+    )
+    assert iou_loss(pred, target, w, "linear_iou").item() == pytest.approx(
+        sum(1 - i for i in ious), rel=1e-6
+    )
 
 
 def test_iou_loss_unknown_type():
@@ -62,8 +73,15 @@ def test_iou_loss_unknown_type():
 
 def _losses(logits, reg_pred, ctr_pred, labels, reg_targets, **kw):
     return fcos_losses(
-        logits, reg_pred, ctr_pred, labels, reg_targets,
-        focal_alpha=0.25, focal_gamma=2.0, loc_loss_type="giou", **kw,
+        logits,
+        reg_pred,
+        ctr_pred,
+        labels,
+        reg_targets,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        loc_loss_type="giou",
+        **kw,
     )
 
 
@@ -102,7 +120,9 @@ def test_loc_loss_divided_by_centerness_sum_and_ctr_loss_by_num_pos():
     out = _losses(logits, reg_pred, ctr_pred, labels, reg_targets)
     c0, c1 = 1.0, math.sqrt(1 / 3 * 2 / 4)
     # GIoU losses: (2,2,2,2) vs (1,1,1,1) -> 12/17; identical boxes -> 0
-    assert out["loss_fcos_loc"].item() == pytest.approx((c0 * 12 / 17 + c1 * 0.0) / (c0 + c1), rel=1e-5)
+    assert out["loss_fcos_loc"].item() == pytest.approx(
+        (c0 * 12 / 17 + c1 * 0.0) / (c0 + c1), rel=1e-5
+    )
     bce0 = LN2  # logit 0
     bce1 = -(c1 * math.log(3 / 4) + (1 - c1) * math.log(1 / 4))  # logit ln 3
     assert out["loss_fcos_ctr"].item() == pytest.approx((bce0 + bce1) / 2, rel=1e-5)

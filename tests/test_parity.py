@@ -5,6 +5,7 @@ Acceptance bar (do not loosen): same detections (count, classes in score order),
 1e-4 relative; gradient norms within 3e-4 relative in the median and 5e-3 each (float32 rounding
 differs between CPUs: see the training test).
 """
+
 import json
 
 import numpy as np
@@ -39,7 +40,13 @@ def _model(case: str, train: bool):
 def test_inference_matches_authors(case):
     model, case_dir = _model(case, train=False)
     for name, image, ref in inference_cases(case_dir):
-        inputs = [{"image": torch.as_tensor(image).float(), "height": image.shape[1], "width": image.shape[2]}]
+        inputs = [
+            {
+                "image": torch.as_tensor(image).float(),
+                "height": image.shape[1],
+                "width": image.shape[2],
+            }
+        ]
         with torch.no_grad():
             out = model(inputs)[0]["instances"]
         assert out.pred_masks.dtype == torch.bool
@@ -133,7 +140,9 @@ def test_inference_intermediates_match_authors_debug_vectors():
         features = model.backbone(images.tensor)
         for level in ("p3", "p4", "p5", "p6", "p7"):
             # Features reach ~5e3, where float32 rounding alone is ~5e-4.
-            np.testing.assert_allclose(features[level][0].numpy(), debug[f"feat_{level}"], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(
+                features[level][0].numpy(), debug[f"feat_{level}"], rtol=1e-5, atol=1e-4
+            )
         detections, _ = model.proposal_generator(images, features)
     det = detections[0]
     n = len(debug["prepost_scores"])

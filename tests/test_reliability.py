@@ -1,5 +1,6 @@
 """Interrupted training: checkpoints are complete or absent, and --resume after SIGKILL continues
 at the right iteration with the same learning-rate schedule."""
+
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
 
 def _save_that_dies(checkpointer, monkeypatch):
     """Saves "model_final" with a torch.save that writes part of the file and then fails."""
+
     def dying_save(obj, f):
         f.write(b"partial bytes of a checkpoint")
         raise KeyboardInterrupt("killed during the save")
@@ -44,7 +46,10 @@ def test_a_save_killed_midway_leaves_the_last_good_checkpoint(tmp_path, monkeypa
     _save_that_dies(checkpointer, monkeypatch)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     if atomic:
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "last_checkpoint",
+            "model_0000009.pth",
+        ]
         assert set(torch.load(tmp_path / "model_0000009.pth")["model"]) == {"weight", "bias"}
     else:  # what fvcore does on its own: a truncated model_final.pth is left behind
         assert (tmp_path / "model_final.pth").read_bytes() == b"partial bytes of a checkpoint"
@@ -64,13 +69,37 @@ def test_sigkill_then_resume_continues_where_it_stopped(tmp_path):
     train = write_coco_split(str(data), "train", 6, (128, 160), seed=0)
     test = write_coco_split(str(data), "test", 2, (128, 160), seed=1)
     out = tmp_path / "out"
-    opts = ["SOLVER.MAX_ITER", "60", "SOLVER.CHECKPOINT_PERIOD", "10", "SOLVER.IMS_PER_BATCH", "2",
-            "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "OUTPUT_DIR", str(out)]
-    cmd = [sys.executable, str(ROOT / "train_net.py"), "--config-file", SMALL,
-           "--train-dataset", train, str(data / "train"), "--test-dataset", test, str(data / "test")]
+    opts = [
+        "SOLVER.MAX_ITER",
+        "60",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "10",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+        "OUTPUT_DIR",
+        str(out),
+    ]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_net.py"),
+        "--config-file",
+        SMALL,
+        "--train-dataset",
+        train,
+        str(data / "train"),
+        "--test-dataset",
+        test,
+        str(data / "test"),
+    ]
     job = subprocess.Popen(cmd + opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "model_0000009.pth").exists() and job.poll() is None and time.time() < deadline:
+    while (
+        not (out / "model_0000009.pth").exists() and job.poll() is None and time.time() < deadline
+    ):
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
@@ -116,8 +145,20 @@ def test_num_classes_not_matching_the_dataset_fails_at_start_up(tmp_path):
 
 
 def test_non_finite_loss_stops_training_naming_the_loss_and_iteration(tmp_path):
-    cfg = build_cfg(SMALL, ["SOLVER.MAX_ITER", 10, "SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", "(96,)",
-                            "OUTPUT_DIR", str(tmp_path / "out")], train_dataset=_shapes(tmp_path))
+    cfg = build_cfg(
+        SMALL,
+        [
+            "SOLVER.MAX_ITER",
+            10,
+            "SOLVER.IMS_PER_BATCH",
+            2,
+            "INPUT.MIN_SIZE_TRAIN",
+            "(96,)",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+        train_dataset=_shapes(tmp_path),
+    )
     trainer = Trainer(cfg)
     forward = trainer.model.forward
 
@@ -155,13 +196,19 @@ print(json.dumps({{"detections": len(out), "peak_mib": mib("VmHWM") - before,
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to measure peak RSS"
+)
 def test_large_output_with_many_instances_stays_within_the_memory_bound():
     """97 detections pasted at 2400x3200: the peak is the bool masks themselves plus < 256 MiB
     (one float mask per instance at once would take ~2.8 GiB more)."""
     require_fixtures()
-    result = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_SCRIPT.format(tests=str(ROOT / "tests"))],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT.format(tests=str(ROOT / "tests"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["detections"] == 97
@@ -174,8 +221,15 @@ def test_degenerate_annotations_are_skipped_or_fixed_and_training_goes_on(tmp_pa
     image_id = data["images"][0]["id"]
 
     def ann(i, bbox, segmentation):
-        return {"id": 1000 + i, "image_id": image_id, "category_id": 1, "iscrowd": 0, "area": 10.0,
-                "bbox": bbox, "segmentation": segmentation}
+        return {
+            "id": 1000 + i,
+            "image_id": image_id,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": 10.0,
+            "bbox": bbox,
+            "segmentation": segmentation,
+        }
 
     data["annotations"] += [
         ann(0, [10, 10, 5, 5], [[10, 10, 15, 15]]),  # a 2-point polygon
@@ -186,8 +240,11 @@ def test_degenerate_annotations_are_skipped_or_fixed_and_training_goes_on(tmp_pa
     ]
     path = tmp_path / "degenerate.json"
     path.write_text(json.dumps(data))
-    cfg = build_cfg(SMALL, ["SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.RANDOM_FLIP", "none"],
-                    train_dataset=(str(path), image_dir))
+    cfg = build_cfg(
+        SMALL,
+        ["SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.RANDOM_FLIP", "none"],
+        train_dataset=(str(path), image_dir),
+    )
     with caplog.at_level("WARNING"):
         batch = next(iter(Trainer.build_train_loader(cfg)))
     assert "instances without valid segmentation" in caplog.text  # said once, by the loader

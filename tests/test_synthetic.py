@@ -1,4 +1,5 @@
 """The generated quick-start dataset: deterministic, valid COCO, masks matching their metadata."""
+
 import json
 
 import numpy as np
@@ -12,7 +13,9 @@ def test_same_seed_same_dataset_other_seed_other(tmp_path):
     b = write_coco_split(str(tmp_path / "b"), "train", 3, (96, 128), seed=5)
     c = write_coco_split(str(tmp_path / "c"), "train", 3, (96, 128), seed=6)
     assert open(a).read() == open(b).read() != open(c).read()
-    assert (tmp_path / "a/train/00001.jpg").read_bytes() == (tmp_path / "b/train/00001.jpg").read_bytes()
+    assert (tmp_path / "a/train/00001.jpg").read_bytes() == (
+        tmp_path / "b/train/00001.jpg"
+    ).read_bytes()
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -38,10 +41,14 @@ def test_occluded_shapes_keep_only_their_visible_part():
     for _ in range(20):
         image, anns = render_scene(rng, 128, 160)
         assert image.shape == (128, 160, 3) and image.dtype == np.uint8
-        masks = [polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], 128, 160) for a in anns]
+        masks = [
+            polygons_to_bitmask([np.asarray(p) for p in a["segmentation"]], 128, 160) for a in anns
+        ]
         for i in range(len(masks)):
             for j in range(i + 1, len(masks)):
                 overlap = (masks[i] & masks[j]).sum()
-                assert overlap <= 0.05 * min(masks[i].sum(), masks[j].sum()) + 30  # contours touch at most
+                assert (
+                    overlap <= 0.05 * min(masks[i].sum(), masks[j].sum()) + 30
+                )  # contours touch at most
         sizes += [a["area"] for a in anns]
     assert min(sizes) < 300 and max(sizes) > 3000  # a range of sizes

@@ -1,4 +1,5 @@
 """FCOS training targets: size ranges, centre sampling around the mask centroid, tie-break, layout."""
+
 import pytest
 import torch
 from detectron2.structures import Boxes, Instances
@@ -57,7 +58,9 @@ def test_empty_mask_falls_back_to_box_centre():
     masks = torch.zeros((2, 8, 8), dtype=torch.uint8)
     masks[1, 6, 1] = 1
     boxes = torch.tensor([[2.0, 4.0, 10.0, 20.0], [0.0, 0.0, 8.0, 8.0]])
-    torch.testing.assert_close(mask_centroids(masks, boxes), torch.tensor([[6.0, 12.0], [1.0, 6.0]]))
+    torch.testing.assert_close(
+        mask_centroids(masks, boxes), torch.tensor([[6.0, 12.0], [1.0, 6.0]])
+    )
 
 
 def test_center_sampling_uses_mask_centroid_and_is_clipped_to_box():
@@ -99,9 +102,13 @@ def test_size_range_bounds_are_inclusive_on_both_levels():
     assert _positive_indices(t.labels, 1) == p3 + p4
     # (68, 68) on P3 has max(l, t, r, b) = 64 exactly; (56, 56) on P4 as well.
     assert t.locations[8 * 16 + 8].tolist() == [68.0, 68.0]
-    torch.testing.assert_close(t.reg_targets[8 * 16 + 8], torch.tensor([64.0, 64.0, 52.0, 52.0]) / 8)
+    torch.testing.assert_close(
+        t.reg_targets[8 * 16 + 8], torch.tensor([64.0, 64.0, 52.0, 52.0]) / 8
+    )
     assert t.locations[256 + 3 * 8 + 3].tolist() == [56.0, 56.0]
-    torch.testing.assert_close(t.reg_targets[256 + 3 * 8 + 3], torch.tensor([52.0, 52.0, 64.0, 64.0]) / 16)
+    torch.testing.assert_close(
+        t.reg_targets[256 + 3 * 8 + 3], torch.tensor([52.0, 52.0, 64.0, 64.0]) / 16
+    )
     assert t.fpn_levels[p3].tolist() == [0] * 4 and t.fpn_levels[p4].tolist() == [1] * 9
 
 
@@ -140,7 +147,9 @@ def test_batch_layout_gt_offsets_background_and_empty_image():
     torch.testing.assert_close(t.reg_targets[0], torch.full((4,), 0.5))  # (4,4,4,4) / 8
     torch.testing.assert_close(t.reg_targets[3], torch.full((4,), 0.5))
     torch.testing.assert_close(t.reg_targets[11], torch.full((4,), 1.5))  # (12,12,12,12) / 8
-    torch.testing.assert_close(t.reg_targets[14], torch.tensor([0.5, 0.5, 1.0, 1.0]))  # (8,8,16,16)/16
+    torch.testing.assert_close(
+        t.reg_targets[14], torch.tensor([0.5, 0.5, 1.0, 1.0])
+    )  # (8,8,16,16)/16
     # the image without GT: background everywhere, zero targets
     im1_rows = [4, 5, 6, 7, 13]
     assert t.labels[im1_rows].tolist() == [bg] * 5

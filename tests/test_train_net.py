@@ -1,6 +1,7 @@
 """train_net.py and the training pipeline: datasets from the command line, 2 CPU processes over
 gloo (and Detectron2 left as it was), the data mapper on unusual images, learning on real photos,
 eval-only on real COCO images."""
+
 import json
 import re
 import subprocess
@@ -30,7 +31,10 @@ COCO_SUBSET = SHARED / "datasets" / "coco_val2017_subset"
 def _train_net(*args, timeout=600):
     return subprocess.run(
         [sys.executable, str(ROOT / "train_net.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -45,19 +49,41 @@ def shapes(tmp_path_factory):
 def test_two_cpu_processes_train_with_ddp_and_evaluate(shapes, tmp_path):
     (train_json, train_dir), (test_json, test_dir) = shapes
     result = _train_net(
-        "--num-gpus", 2, "--config-file", SMALL, "--train-dataset", train_json, train_dir,
-        "--test-dataset", test_json, test_dir, "SOLVER.MAX_ITER", 3, "SOLVER.IMS_PER_BATCH", 4,
-        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", 128, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0,
-        "OUTPUT_DIR", tmp_path,
+        "--num-gpus",
+        2,
+        "--config-file",
+        SMALL,
+        "--train-dataset",
+        train_json,
+        train_dir,
+        "--test-dataset",
+        test_json,
+        test_dir,
+        "SOLVER.MAX_ITER",
+        3,
+        "SOLVER.IMS_PER_BATCH",
+        4,
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "INPUT.MIN_SIZE_TEST",
+        128,
+        "MODEL.FCOS.INFERENCE_TH_TEST",
+        0.0,
+        "OUTPUT_DIR",
+        tmp_path,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "World size: 2" in log
-    assert "DistributedDataParallel over 2 CPU processes (gloo)" in (tmp_path / "log.txt").read_text()
+    assert (
+        "DistributedDataParallel over 2 CPU processes (gloo)" in (tmp_path / "log.txt").read_text()
+    )
     assert (tmp_path / "model_final.pth").is_file()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     trained = [m["iteration"] for m in metrics if "total_loss" in m]
-    assert max(trained) == 2 and all(np.isfinite(m["total_loss"]) for m in metrics if "total_loss" in m)
+    assert max(trained) == 2 and all(
+        np.isfinite(m["total_loss"]) for m in metrics if "total_loss" in m
+    )
     assert re.search(r"Total inference time: .* on 2 devices", log)
     assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
     # The class names come from the JSON.
@@ -101,7 +127,11 @@ def test_cpu_training_flushes_denormals_and_restores_the_setting(shapes, tmp_pat
 def test_dataset_arguments_fail_clearly(tmp_path):
     missing = tmp_path / "missing.json"
     result = _train_net("--config-file", SMALL, "--train-dataset", missing, tmp_path, timeout=120)
-    assert result.returncode != 0 and "missing.json" in result.stderr and "does not exist" in result.stderr
+    assert (
+        result.returncode != 0
+        and "missing.json" in result.stderr
+        and "does not exist" in result.stderr
+    )
     not_coco = tmp_path / "not_coco.json"
     not_coco.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="not_coco.json.*not a COCO instance JSON"):
@@ -123,13 +153,30 @@ def test_mapper_and_model_handle_crowd_only_and_unannotated_images(shapes, tmp_p
     crowd_mask[10:30, 10:30] = 1
     rle = mask_util.encode(crowd_mask)
     rle["counts"] = rle["counts"].decode()
-    crowd = {"id": 10_000, "image_id": second["id"], "category_id": 1, "iscrowd": 1, "area": 400.0,
-             "bbox": [10, 10, 20, 20], "segmentation": rle}
+    crowd = {
+        "id": 10_000,
+        "image_id": second["id"],
+        "category_id": 1,
+        "iscrowd": 1,
+        "area": 400.0,
+        "bbox": [10, 10, 20, 20],
+        "segmentation": rle,
+    }
     data.update(images=[first, second, third], annotations=keep + [crowd])
     path = tmp_path / "unusual.json"
     path.write_text(json.dumps(data))
-    cfg = build_cfg(SMALL, ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", False, "SOLVER.IMS_PER_BATCH", 3,
-                            "INPUT.MIN_SIZE_TRAIN", "(128,)"], train_dataset=(str(path), train_dir))
+    cfg = build_cfg(
+        SMALL,
+        [
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS",
+            False,
+            "SOLVER.IMS_PER_BATCH",
+            3,
+            "INPUT.MIN_SIZE_TRAIN",
+            "(128,)",
+        ],
+        train_dataset=(str(path), train_dir),
+    )
     batch = next(iter(build_detection_train_loader(cfg)))
     assert sorted(len(x["instances"]) for x in batch) == [0, 0, len(keep)]
     model = build_model(cfg).train()
@@ -144,10 +191,24 @@ def test_learns_on_real_photos_fruits_nuts(tmp_path):
     dataset = (str(FRUITS / "trainval.json"), str(FRUITS / "images"))
     cfg = build_cfg(
         EFFICIENTNET,
-        ["SOLVER.MAX_ITER", 100, "SOLVER.STEPS", "(80,)", "SOLVER.WARMUP_ITERS", 20,
-         "INPUT.MIN_SIZE_TRAIN", "(256, 288, 320)", "INPUT.MIN_SIZE_TEST", 288, "DATALOADER.NUM_WORKERS", 0,
-         "OUTPUT_DIR", str(tmp_path)],
-        train_dataset=dataset, test_dataset=dataset,
+        [
+            "SOLVER.MAX_ITER",
+            100,
+            "SOLVER.STEPS",
+            "(80,)",
+            "SOLVER.WARMUP_ITERS",
+            20,
+            "INPUT.MIN_SIZE_TRAIN",
+            "(256, 288, 320)",
+            "INPUT.MIN_SIZE_TEST",
+            288,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        train_dataset=dataset,
+        test_dataset=dataset,
     )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -162,27 +223,63 @@ def test_learns_on_real_photos_fruits_nuts(tmp_path):
 @pytest.mark.skipif(not COCO_SUBSET.is_dir(), reason=f"COCO val2017 subset not at {COCO_SUBSET}")
 def test_eval_only_on_real_coco_images_with_random_r50(tmp_path):
     result = _train_net(
-        "--eval-only", "--config-file", ROOT / "configs" / "CondInst" / "MS_R_50_1x.yaml",
-        "--test-dataset", COCO_SUBSET / "annotations" / "instances_val2017_subset.json", COCO_SUBSET / "val2017",
-        "MODEL.WEIGHTS", "", "MODEL.FCOS.INFERENCE_TH_TEST", 0.0, "INPUT.MIN_SIZE_TEST", 224, "INPUT.MAX_SIZE_TEST", 352,
-        "OUTPUT_DIR", tmp_path,
+        "--eval-only",
+        "--config-file",
+        ROOT / "configs" / "CondInst" / "MS_R_50_1x.yaml",
+        "--test-dataset",
+        COCO_SUBSET / "annotations" / "instances_val2017_subset.json",
+        COCO_SUBSET / "val2017",
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.FCOS.INFERENCE_TH_TEST",
+        0.0,
+        "INPUT.MIN_SIZE_TEST",
+        224,
+        "INPUT.MAX_SIZE_TEST",
+        352,
+        "OUTPUT_DIR",
+        tmp_path,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Start inference on 164 batches" in log
     for task in ("bbox", "segm"):
         assert f"Evaluation results for {task}" in log
-        assert re.search(rf"copypaste: Task: {task}\n.*\n.*copypaste: (\d+\.\d+,){{5}}\d+\.\d+", log)
-    assert (tmp_path / "inference" / "coco_instances_results.json").is_file() or any(tmp_path.rglob("coco_instances_results.json"))
+        assert re.search(
+            rf"copypaste: Task: {task}\n.*\n.*copypaste: (\d+\.\d+,){{5}}\d+\.\d+", log
+        )
+    assert (tmp_path / "inference" / "coco_instances_results.json").is_file() or any(
+        tmp_path.rglob("coco_instances_results.json")
+    )
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    args = ["--output", tmp_path, "--num-train", 8, "--num-test", 4, "--num-drawn", 2, "SOLVER.MAX_ITER", 4,
-            "SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", 128,
-            "MODEL.FCOS.INFERENCE_TH_TEST", 0.0]  # 4 iterations: keep every candidate to get AP tables
+    args = [
+        "--output",
+        tmp_path,
+        "--num-train",
+        8,
+        "--num-test",
+        4,
+        "--num-drawn",
+        2,
+        "SOLVER.MAX_ITER",
+        4,
+        "SOLVER.IMS_PER_BATCH",
+        2,
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "INPUT.MIN_SIZE_TEST",
+        128,
+        "MODEL.FCOS.INFERENCE_TH_TEST",
+        0.0,
+    ]  # 4 iterations: keep every candidate to get AP tables
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "quickstart.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -197,12 +294,28 @@ def test_bitmask_ground_truth_trains_like_polygons(shapes):
     """INPUT.MASK_FORMAT bitmask: the mapper gives BitMasks, which CondInst pads to the batch."""
     losses = {}
     for mask_format in ("polygon", "bitmask"):
-        cfg = build_cfg(SMALL, ["INPUT.MASK_FORMAT", mask_format, "SOLVER.IMS_PER_BATCH", 2,
-                                "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.RANDOM_FLIP", "none",
-                                "DATALOADER.NUM_WORKERS", 0], train_dataset=shapes[0])
+        cfg = build_cfg(
+            SMALL,
+            [
+                "INPUT.MASK_FORMAT",
+                mask_format,
+                "SOLVER.IMS_PER_BATCH",
+                2,
+                "INPUT.MIN_SIZE_TRAIN",
+                "(128,)",
+                "INPUT.RANDOM_FLIP",
+                "none",
+                "DATALOADER.NUM_WORKERS",
+                0,
+            ],
+            train_dataset=shapes[0],
+        )
         mapper = CondInstDatasetMapper(cfg, is_train=True)
         batch = [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:2]]
-        assert type(batch[0]["instances"].gt_masks).__name__ == {"polygon": "PolygonMasks", "bitmask": "BitMasks"}[mask_format]
+        assert (
+            type(batch[0]["instances"].gt_masks).__name__
+            == {"polygon": "PolygonMasks", "bitmask": "BitMasks"}[mask_format]
+        )
         torch.manual_seed(0)
         model = build_model(cfg).train()
         losses[mask_format] = {k: v.item() for k, v in model(batch).items()}

@@ -15,6 +15,7 @@ median of repeats after warm-up, with the two models' runs interleaved. Reported
 
     python tools/benchmark.py [--threads 2] [--repeats 5] [--plot bench.png] [--json out.json]
 """
+
 import argparse
 import json
 import os
@@ -67,7 +68,10 @@ def build(name: str) -> torch.nn.Module:
         torch.nn.init.constant_(model.proposal_generator.fcos_head.bbox_pred.bias, 2.0)
         _local_masks(model)
     else:
-        for layer in (model.proposal_generator.rpn_head.anchor_deltas, model.roi_heads.box_predictor.bbox_pred):
+        for layer in (
+            model.proposal_generator.rpn_head.anchor_deltas,
+            model.roi_heads.box_predictor.bbox_pred,
+        ):
             torch.nn.init.zeros_(layer.weight)
             torch.nn.init.zeros_(layer.bias)
     return model
@@ -156,7 +160,9 @@ def mask_stage_fns(condinst, mask_rcnn, k: int, size) -> Dict[str, Callable[[], 
     locations = compute_locations(p3.shape[2], p3.shape[3], stride, p3.device)[loc_inds]
 
     def condinst_masks():
-        inst = Instances(c_images.tensor.shape[-2:], im_inds=zeros, fpn_levels=zeros, locations=locations)
+        inst = Instances(
+            c_images.tensor.shape[-2:], im_inds=zeros, fpn_levels=zeros, locations=locations
+        )
         inst.mask_head_params = head.controller_at(towers, zeros, zeros, loc_inds)
         probs = condinst.mask_head(mask_feats, inst).sigmoid()
         return paste_masks(probs, c_images.tensor.shape[-2:], size, size)
@@ -179,7 +185,10 @@ def mask_stage_fns(condinst, mask_rcnn, k: int, size) -> Dict[str, Callable[[], 
 
 def mask_stage(condinst, mask_rcnn, repeats: int, size) -> Dict[int, Dict[str, float]]:
     with torch.no_grad():
-        return {k: interleaved(mask_stage_fns(condinst, mask_rcnn, k, size), repeats) for k in (1, 10, 50, 100)}
+        return {
+            k: interleaved(mask_stage_fns(condinst, mask_rcnn, k, size), repeats)
+            for k in (1, 10, 50, 100)
+        }
 
 
 def training_batch(h: int, w: int) -> List[Dict]:
@@ -189,8 +198,16 @@ def training_batch(h: int, w: int) -> List[Dict]:
     batch = []
     for seed in range(2):
         boxes = _random_boxes(8, h, w)
-        polys = [[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)] for x0, y0, x1, y1 in boxes.tolist()]
-        inst = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=torch.arange(8) % 80, gt_masks=PolygonMasks(polys))
+        polys = [
+            [np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
+            for x0, y0, x1, y1 in boxes.tolist()
+        ]
+        inst = Instances(
+            (h, w),
+            gt_boxes=Boxes(boxes),
+            gt_classes=torch.arange(8) % 80,
+            gt_masks=PolygonMasks(polys),
+        )
         batch.append({"image": image(h, w, seed), "instances": inst})
     return batch
 
@@ -201,7 +218,9 @@ def training_step(models, repeats: int, size) -> Dict[str, float]:
     for name, model in models.items():
         model.train()
         # lr 0: random weights would diverge; the step still runs (and is timed) in full.
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+        optimizer = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9
+        )
 
         def step(model=model, optimizer=optimizer):
             losses = model(batch)
@@ -239,7 +258,9 @@ def ablations(condinst, repeats: int, size) -> Dict[str, Dict[str, float]]:
     conv = torch.nn.Conv2d(256, 256, 3, padding=1)
     feat = torch.randn(1, 256, size[0] // 8, size[1] // 8)
     feat_cl = feat.contiguous(memory_format=torch.channels_last)
-    layouts = interleaved({"channels_last": lambda: conv(feat_cl), "standard": lambda: conv(feat)}, repeats)
+    layouts = interleaved(
+        {"channels_last": lambda: conv(feat_cl), "standard": lambda: conv(feat)}, repeats
+    )
     return {"paste_100_masks": paste, "conv3x3_256": layouts}
 
 
@@ -268,7 +289,9 @@ def peak_memory(name: str, size) -> float:
     """MiB of peak resident memory added by one inference on an image of `size` (own process)."""
     out = subprocess.run(
         [sys.executable, __file__, "--memory-worker", name, "--large-size", *map(str, size)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
@@ -291,7 +314,13 @@ def _memory_worker(name: str, size) -> None:
 
 
 # The project's targets for each ratio (CondInst / Mask R-CNN, or latency / FLOP floor).
-TARGETS = {"end_to_end": 0.75, "mask_stage_100": 0.35, "slope": 0.33, "peak_memory": 0.5, "flop_floor": 1.3}
+TARGETS = {
+    "end_to_end": 0.75,
+    "mask_stage_100": 0.35,
+    "slope": 0.33,
+    "peak_memory": 0.5,
+    "flop_floor": 1.3,
+}
 
 
 def _verdict(ratio: float, target: Optional[float]) -> str:
@@ -301,7 +330,9 @@ def _verdict(ratio: float, target: Optional[float]) -> str:
     return f"<= {target:.2f}: {'met' if ratio <= target else 'NOT MET'}"
 
 
-def _row(name: str, condinst: float, mask_rcnn: float, unit: str = "s", target: Optional[float] = None) -> str:
+def _row(
+    name: str, condinst: float, mask_rcnn: float, unit: str = "s", target: Optional[float] = None
+) -> str:
     ratio = condinst / mask_rcnn
     return f"| {name} | {condinst:.3f} {unit} | {mask_rcnn:.3f} {unit} | {ratio:.2f}x | {_verdict(ratio, target)} |"
 
@@ -312,18 +343,44 @@ def report(r: Dict) -> str:
     rows = [
         "| measurement | CondInst | Mask R-CNN | CondInst / Mask R-CNN | target |",
         "|---|---|---|---|---|",
-        _row(f"inference {size[0]}x{size[1]} ({e2e['condinst']['detections']} vs "
-             f"{e2e['mask_rcnn']['detections']} detections)", e2e["condinst"]["seconds"], e2e["mask_rcnn"]["seconds"],
-             target=TARGETS["end_to_end"]),
+        _row(
+            f"inference {size[0]}x{size[1]} ({e2e['condinst']['detections']} vs "
+            f"{e2e['mask_rcnn']['detections']} detections)",
+            e2e["condinst"]["seconds"],
+            e2e["mask_rcnn"]["seconds"],
+            target=TARGETS["end_to_end"],
+        ),
     ]
     for k, t in masks.items():
         target = TARGETS["mask_stage_100"] if int(k) == 100 else None
-        rows.append(_row(f"mask stage, K={k}", t["condinst"] * 1e3, t["mask_rcnn"] * 1e3, "ms", target))
-    rows.append(_row("mask stage slope per instance", r["slope_ms"]["condinst"], r["slope_ms"]["mask_rcnn"], "ms",
-                     TARGETS["slope"]))
-    rows.append(_row(f"training iteration (2 images {size[0]}x{size[1]})", train["condinst"], train["mask_rcnn"]))
-    rows.append(_row(f"peak inference memory {large[0]}x{large[1]}", mem["condinst"], mem["mask_rcnn"], "MiB",
-                     TARGETS["peak_memory"]))
+        rows.append(
+            _row(f"mask stage, K={k}", t["condinst"] * 1e3, t["mask_rcnn"] * 1e3, "ms", target)
+        )
+    rows.append(
+        _row(
+            "mask stage slope per instance",
+            r["slope_ms"]["condinst"],
+            r["slope_ms"]["mask_rcnn"],
+            "ms",
+            TARGETS["slope"],
+        )
+    )
+    rows.append(
+        _row(
+            f"training iteration (2 images {size[0]}x{size[1]})",
+            train["condinst"],
+            train["mask_rcnn"],
+        )
+    )
+    rows.append(
+        _row(
+            f"peak inference memory {large[0]}x{large[1]}",
+            mem["condinst"],
+            mem["mask_rcnn"],
+            "MiB",
+            TARGETS["peak_memory"],
+        )
+    )
     hw = r["hardware"]
     floor_ratio = e2e["condinst"]["seconds"] / (hw["condinst_gflops"] / hw["conv_gflops"])
     rows += [
@@ -338,10 +395,14 @@ def report(r: Dict) -> str:
         "CondInst speed-ups against what they replace (same inputs, same run):",
     ]
     paste, conv = r["ablations"]["paste_100_masks"], r["ablations"]["conv3x3_256"]
-    rows.append(f"  paste {e2e['condinst']['detections']} masks: {paste['restricted'] * 1e3:.1f} ms where they can be on "
-                f"vs {paste['step_by_step'] * 1e3:.1f} ms step by step ({paste['step_by_step'] / paste['restricted']:.1f}x)")
-    rows.append(f"  3x3 conv 256 ch: {conv['channels_last'] * 1e3:.1f} ms channels-last vs {conv['standard'] * 1e3:.1f} ms "
-                f"standard layout ({conv['standard'] / conv['channels_last']:.2f}x)")
+    rows.append(
+        f"  paste {e2e['condinst']['detections']} masks: {paste['restricted'] * 1e3:.1f} ms where they can be on "
+        f"vs {paste['step_by_step'] * 1e3:.1f} ms step by step ({paste['step_by_step'] / paste['restricted']:.1f}x)"
+    )
+    rows.append(
+        f"  3x3 conv 256 ch: {conv['channels_last'] * 1e3:.1f} ms channels-last vs {conv['standard'] * 1e3:.1f} ms "
+        f"standard layout ({conv['standard'] / conv['channels_last']:.2f}x)"
+    )
     return "\n".join(rows)
 
 
@@ -355,7 +416,11 @@ def plot(r: Dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, label in (("condinst", "CondInst"), ("mask_rcnn", "Mask R-CNN")):
         ax.plot(ks, [r["mask_stage"][k][name] * 1e3 for k in ks], "o-", label=label)
-    ax.set(xlabel="instances", ylabel="mask stage (ms)", title=f"Mask stage at {r['size'][0]}x{r['size'][1]}")
+    ax.set(
+        xlabel="instances",
+        ylabel="mask stage (ms)",
+        title=f"Mask stage at {r['size'][0]}x{r['size'][1]}",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -373,7 +438,9 @@ def run(threads: int, repeats: int, size=SIZE, large_size=LARGE) -> Dict:
     r["end_to_end"] = end_to_end(models, repeats, size)
     _progress("end to end", r["end_to_end"])
     r["mask_stage"] = mask_stage(models["condinst"], models["mask_rcnn"], repeats, size)
-    r["slope_ms"] = {n: (r["mask_stage"][100][n] - r["mask_stage"][1][n]) / 99 * 1e3 for n in models}
+    r["slope_ms"] = {
+        n: (r["mask_stage"][100][n] - r["mask_stage"][1][n]) / 99 * 1e3 for n in models
+    }
     _progress("mask stage", r["mask_stage"])
     r["training"] = training_step(models, max(3, repeats // 2), size)
     _progress("training", r["training"])
@@ -390,14 +457,27 @@ def run(threads: int, repeats: int, size=SIZE, large_size=LARGE) -> Dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both models")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each measurement")
     parser.add_argument("--plot", help="write a PNG of the mask stage times")
     parser.add_argument("--json", help="write all measurements as JSON")
-    parser.add_argument("--size", type=int, nargs=2, default=SIZE, metavar=("H", "W"), help="inference input")
-    parser.add_argument("--large-size", type=int, nargs=2, default=LARGE, metavar=("H", "W"), help="peak-memory input")
-    parser.add_argument("--memory-worker", choices=["condinst", "mask_rcnn"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--size", type=int, nargs=2, default=SIZE, metavar=("H", "W"), help="inference input"
+    )
+    parser.add_argument(
+        "--large-size",
+        type=int,
+        nargs=2,
+        default=LARGE,
+        metavar=("H", "W"),
+        help="peak-memory input",
+    )
+    parser.add_argument(
+        "--memory-worker", choices=["condinst", "mask_rcnn"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.memory_worker:
         torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@
 
     python tools/quickstart.py [--output DIR] [--config-file FILE] [KEY VALUE ...]
 """
+
 import argparse
 import json
 import logging

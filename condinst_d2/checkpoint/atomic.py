@@ -5,6 +5,7 @@ a save leaves a truncated file that `--resume` then fails on. `AtomicPathManager
 checkpointer's path manager: files opened for writing go to a temporary name in the same folder
 and are renamed over the destination only once completely written and flushed to disk.
 """
+
 from typing import IO, Any, ContextManager
 
 from ..utils import atomic_write

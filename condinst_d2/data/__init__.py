@@ -1,5 +1,6 @@
 """Datasets: COCO-format registration from files, the generated quick-start dataset, and the
 image reader of the whole project (`read_image`)."""
+
 from .coco import register_coco_dataset
 from .dataset_mapper import CondInstDatasetMapper, read_image
 from .synthetic import SHAPE_CLASSES, render_scene, write_coco_split

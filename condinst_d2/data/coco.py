@@ -1,4 +1,5 @@
 """Registering a COCO-format instance segmentation dataset given on the command line."""
+
 import json
 import os
 from typing import Tuple
@@ -18,7 +19,11 @@ def _read_coco_categories(json_file: str) -> list:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_file!r} is not valid JSON: {e}") from e
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k) if isinstance(data, dict) else None, list)]
+    missing = [
+        k
+        for k in ("images", "annotations", "categories")
+        if not isinstance(data.get(k) if isinstance(data, dict) else None, list)
+    ]
     if missing:
         raise ValueError(f"{json_file!r} is not a COCO instance JSON: no list {missing}")
     if not data["images"]:
@@ -50,5 +55,7 @@ def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple
         register_coco_instances(name, {}, json_file, image_root)
         MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
     elif MetadataCatalog.get(name).image_root != image_root:
-        raise ValueError(f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}")
+        raise ValueError(
+            f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}"
+        )
     return name, len(categories)

@@ -5,6 +5,7 @@ Detectron2's `DatasetMapper` reads images with `detection_utils.read_image`, whi
 (b) converts 16-bit images with `Image.convert("RGB")`, which clips every value above
 255 to 255: a silent, wrong (nearly white) image. `CondInstDatasetMapper` fixes both.
 """
+
 import copy
 import errno
 import logging
@@ -133,7 +134,9 @@ class CondInstDatasetMapper(DatasetMapper):
             dataset_dict.pop("annotations", None)
         elif "annotations" in dataset_dict:
             if self.use_instance_mask:
-                dataset_dict["annotations"] = _with_masks(dataset_dict["annotations"], dataset_dict["file_name"])
+                dataset_dict["annotations"] = _with_masks(
+                    dataset_dict["annotations"], dataset_dict["file_name"]
+                )
             self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
 

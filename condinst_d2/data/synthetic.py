@@ -4,6 +4,7 @@ Scenes of filled shapes (several classes, a range of sizes, overlapping, the lat
 the earlier) on textured backgrounds, written as JPEG images plus COCO instance JSON with polygon
 masks of the visible parts. Used by the quick-start and the tests.
 """
+
 import json
 import os
 from typing import Dict, List, Tuple

@@ -1,4 +1,5 @@
 """Importing this package registers the backbone, proposal generator and meta-architecture."""
+
 from .backbone import build_fcos_resnet_fpn_backbone
 from .dynamic_mask_head import DynamicMaskHead
 from .efficientnet import build_fcos_efficientnet_lite0_fpn_backbone

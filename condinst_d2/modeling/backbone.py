@@ -1,5 +1,6 @@
 """ResNet + FPN with P6/P7 computed from P5 (FCOS / CondInst), registered as
 `build_fcos_resnet_fpn_backbone`."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, Backbone, build_resnet_backbone

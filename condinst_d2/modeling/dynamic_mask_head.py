@@ -4,6 +4,7 @@ Shape shorthand: N: images, Cm: mask feature channels, h x w: mask feature size 
 R: instances, P: dynamic parameters per instance, Ch: hidden channels of the dynamic head,
 f = s / MASK_OUT_STRIDE.
 """
+
 from typing import List, Sequence, Tuple
 
 import torch

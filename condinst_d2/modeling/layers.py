@@ -1,4 +1,5 @@
 """Small tensor helpers shared by the FCOS and CondInst modules (each exists only here)."""
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

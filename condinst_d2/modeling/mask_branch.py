@@ -4,6 +4,7 @@ semantic segmentation head (training only).
 Shape shorthand: N: images, C: branch channels, Cm: mask feature channels, K: classes,
 G: ground truths of one image, H x W: padded image size, h x w = H/8 x W/8.
 """
+
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -88,7 +89,8 @@ class MaskBranch(nn.Module):
         if semantic_loss_on:
             in_channels = input_shape[in_features[0]].channels
             self.seg_head = nn.Sequential(
-                _conv_norm_relu(in_channels, channels, norm), _conv_norm_relu(channels, channels, norm)
+                _conv_norm_relu(in_channels, channels, norm),
+                _conv_norm_relu(channels, channels, norm),
             )
             self.logits = nn.Conv2d(channels, num_classes, kernel_size=1)
             nn.init.constant_(self.logits.bias, -math.log((1 - prior_prob) / prior_prob))

@@ -1,4 +1,5 @@
 """Class-aware greedy NMS on mask IoU (the paper's Table 5 alternative to box NMS)."""
+
 import torch
 
 __all__ = ["mask_iou", "mask_nms"]

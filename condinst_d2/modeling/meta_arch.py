@@ -4,6 +4,7 @@ postprocess.
 Shape shorthand: N: images, Hp x Wp: padded batch size, G: ground truths of one image,
 P: positive locations, D: detections.
 """
+
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -39,7 +40,9 @@ def _check_condinst_config(cfg) -> None:
     if ci.BOTTOM_PIXELS_REMOVED != -1:
         raise ValueError("MODEL.CONDINST.BOTTOM_PIXELS_REMOVED is a BoxInst option; it must be -1")
     if ci.MASK_HEAD.USE_FP16:
-        raise ValueError("MODEL.CONDINST.MASK_HEAD.USE_FP16 is not supported; use SOLVER.AMP instead")
+        raise ValueError(
+            "MODEL.CONDINST.MASK_HEAD.USE_FP16 is not supported; use SOLVER.AMP instead"
+        )
 
 
 def _cat_images(per_image: List[Instances], image_size: Tuple[int, int]) -> Instances:
@@ -252,13 +255,19 @@ class CondInst(nn.Module):
         for gt in gt_instances:
             if not gt.has("gt_masks"):
                 if len(gt) > 0:
-                    raise ValueError("CondInst needs gt_masks in training instances (set MODEL.MASK_ON)")
+                    raise ValueError(
+                        "CondInst needs gt_masks in training instances (set MODEL.MASK_ON)"
+                    )
                 # Detectron2's mapper leaves gt_masks out for an image without annotations.
                 gt.gt_masks = PolygonMasks([])
             masks = gt.gt_masks
             if isinstance(masks, PolygonMasks):
                 full = [polygons_to_bitmask(p, h, w) for p in masks.polygons]
-                full = torch.from_numpy(np.stack(full)) if full else torch.zeros((0, h, w), dtype=torch.bool)
+                full = (
+                    torch.from_numpy(np.stack(full))
+                    if full
+                    else torch.zeros((0, h, w), dtype=torch.bool)
+                )
                 full = full.to(device=self.device, dtype=torch.uint8)
             else:
                 tensor = masks.tensor.to(torch.uint8)

@@ -12,6 +12,7 @@ evaluated only over the output rows and columns that reach its above-threshold p
 is False. Same values as the step-by-step computation up to float rounding, without any
 full-resolution float mask.
 """
+
 from typing import NamedTuple, Tuple
 
 import torch
@@ -44,6 +45,7 @@ def _axis_taps(mask_len: int, factor: int, image_len: int, output_len: int, devi
     out = torch.arange(output_len, dtype=torch.float64, device=device)
     src = ((out + 0.5) * (image_len / output_len) - 0.5).clamp(min=0)
     r0, r1, fr = _lerp_taps(src, image_len)
+
     # aligned_bilinear: image row i samples mask position max(i - factor // 2, 0) / factor,
     # the mask being replicate-padded at the end.
     def mask_taps(rows):

@@ -1,4 +1,5 @@
 """Small helpers used across condinst_d2 (each exists only here)."""
+
 from .file_io import atomic_write
 
 __all__ = ["atomic_write"]

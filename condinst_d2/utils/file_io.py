@@ -1,4 +1,5 @@
 """Files that are complete or absent, never half-written."""
+
 import contextlib
 import os
 from typing import IO, Iterator

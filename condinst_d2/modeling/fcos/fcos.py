@@ -4,6 +4,7 @@ generator that hands CondInst the instances it needs.
 Shape shorthand: N: images, L: levels, K: classes, T: all locations of the batch (level first),
 P: positive locations of one image, D: detections of one image, Pm: dynamic mask-head parameters.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch

@@ -4,6 +4,7 @@ Shape shorthand:
     N: images, L: FPN levels, C: head channels, K: num_classes, P: dynamic parameters per instance,
     Hl x Wl: size of level l, R: selected locations (positives or detections).
 """
+
 import math
 from typing import List, NamedTuple
 

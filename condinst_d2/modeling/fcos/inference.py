@@ -2,6 +2,7 @@
 
 Shape shorthand: N: images, K: classes, Ml: locations of level l, D: detections of one image.
 """
+
 from typing import List, Tuple
 
 import torch

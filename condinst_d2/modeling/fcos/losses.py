@@ -2,6 +2,7 @@
 
 Shape shorthand: T: locations of the batch, P: positive locations, K: classes.
 """
+
 from typing import Dict
 
 import torch
@@ -49,7 +50,9 @@ def iou_loss(
     elif loss_type == "linear_iou":
         losses = 1 - ious
     else:
-        raise ValueError(f"MODEL.FCOS.LOC_LOSS_TYPE must be giou, iou or linear_iou, got {loss_type!r}")
+        raise ValueError(
+            f"MODEL.FCOS.LOC_LOSS_TYPE must be giou, iou or linear_iou, got {loss_type!r}"
+        )
     return (losses * weight).sum()
 
 
@@ -85,7 +88,9 @@ def fcos_losses(
     ctr_targets = ctrness_targets(reg_targets[pos])
     loss_denorm = max(reduce_sum(ctr_targets.sum()).item() / num_gpus, 1e-6)
     if pos.numel() > 0:
-        loss_loc = iou_loss(reg_pred[pos], reg_targets[pos], ctr_targets, loc_loss_type) / loss_denorm
+        loss_loc = (
+            iou_loss(reg_pred[pos], reg_targets[pos], ctr_targets, loc_loss_type) / loss_denorm
+        )
         loss_ctr = (
             F.binary_cross_entropy_with_logits(ctrness_pred[pos], ctr_targets, reduction="sum")
             / num_pos_avg

@@ -4,6 +4,7 @@ Shape shorthand:
     L: levels, N: images, Ml: locations of level l, M = sum(Ml), G: ground truths of one image,
     T = N * M: all locations of the batch, flattened level first (level, image, location).
 """
+
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -115,7 +116,9 @@ def _targets_per_image(
         labels = torch.full((m,), num_classes, dtype=torch.long, device=locations.device)
         return labels, locations.new_zeros((m, 4)), labels.new_full((m,), -1)
     xs, ys = locations[:, 0:1], locations[:, 1:2]
-    reg = torch.stack([xs - boxes[:, 0], ys - boxes[:, 1], boxes[:, 2] - xs, boxes[:, 3] - ys], dim=2)
+    reg = torch.stack(
+        [xs - boxes[:, 0], ys - boxes[:, 1], boxes[:, 2] - xs, boxes[:, 3] - ys], dim=2
+    )
     if radii is not None:
         if gt.has("gt_bitmasks_full"):
             centers = mask_centroids(gt.gt_bitmasks_full, boxes)
@@ -176,7 +179,9 @@ def fcos_targets(
     all_locations = torch.cat(locations)
     per_image, num_gts = [], 0
     for gt in gt_instances:
-        labels, reg, gt_inds = _targets_per_image(gt, all_locations, size_ranges, radii, num_classes)
+        labels, reg, gt_inds = _targets_per_image(
+            gt, all_locations, size_ranges, radii, num_classes
+        )
         per_image.append((labels, reg, gt_inds + num_gts * (gt_inds >= 0)))
         num_gts += len(gt)
     return _level_first_targets(per_image, locations, strides)
@@ -199,7 +204,9 @@ def _level_first_targets(
             fields["reg_targets"].append(reg[level] / float(stride))
             fields["gt_inds"].append(gt_inds[level])
             fields["im_inds"].append(torch.full((n,), im, dtype=torch.long, device=loc.device))
-            fields["fpn_levels"].append(torch.full((n,), level, dtype=torch.long, device=loc.device))
+            fields["fpn_levels"].append(
+                torch.full((n,), level, dtype=torch.long, device=loc.device)
+            )
             fields["loc_inds"].append(torch.arange(n, device=loc.device))
             fields["locations"].append(loc)
     return FCOSTargets(**{k: torch.cat(v) for k, v in fields.items()})
