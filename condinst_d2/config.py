@@ -28,6 +28,9 @@ def _add_fcos_config(cfg: CN) -> None:
     _C.NMS_TH = 0.6  # IoU threshold of the class-aware box NMS
     _C.PRE_NMS_TOPK_TEST = 1000  # candidates kept per level and image before NMS
     _C.POST_NMS_TOPK_TEST = 100  # detections kept per image after NMS
+    _C.PRE_NMS_TOPK_WITH_CTR = True  # rank candidates by cls*ctr (authors) or cls (mmdetection)
+    _C.SQRT_SCORE = True  # detection score sqrt(cls*ctr) (authors) or cls*ctr (mmdetection)
+    _C.CLIP_BOXES_BEFORE_NMS = False  # clip to the image, drop empty boxes, then NMS (mmdetection)
     # Ignored: FCOS decodes no detections in training. Accepted so the authors' YAMLs merge.
     _C.INFERENCE_TH_TRAIN = 0.05
     _C.PRE_NMS_TOPK_TRAIN = 1000

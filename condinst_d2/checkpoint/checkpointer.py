@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from .formats import detect_format
+from .formats import detect_format, unwrap_state_dict
 from .rename import check_derived, convert_state_dict
 
 __all__ = ["CondInstCheckpointer"]
@@ -73,8 +73,10 @@ class CondInstCheckpointer(DetectionCheckpointer):
             raise ValueError(f"cannot read checkpoint {filename!r}: {e}") from e
 
     def _load_model(self, checkpoint: Any) -> _IncompatibleKeys:
-        """Converts a foreign layout, then loads the weights like Detectron2; raises ValueError if
-        none belongs to the model."""
+        """Unwraps a nested state dict (mmdetection's), converts a foreign layout, then loads the
+        weights like Detectron2; raises ValueError if none belongs to the model."""
+        if isinstance(checkpoint, dict) and "model" in checkpoint:
+            checkpoint["model"] = unwrap_state_dict(checkpoint["model"])
         file_keys = list(checkpoint.get("model", {}).keys()) if isinstance(checkpoint, dict) else []
         if file_keys:
             checkpoint["model"] = self._convert_foreign(checkpoint["model"])

@@ -87,6 +87,9 @@ class FCOS(nn.Module):
         nms_thresh: float,
         max_detections_per_image: int,
         box_nms: bool = True,
+        topk_with_ctr: bool = True,
+        sqrt_score: bool = True,
+        clip_boxes: bool = False,
     ):
         """
         Args:
@@ -97,6 +100,8 @@ class FCOS(nn.Module):
             max_detections_per_image: detections kept per image (<= 0: all).
             box_nms: class-aware box NMS at `nms_thresh` before keeping the best; False hands
                 over the best candidates unsuppressed (for CondInst's mask NMS).
+            topk_with_ctr, sqrt_score, clip_boxes: ranking, score formula and clipping of the
+                candidates (`candidates_single_level`; the defaults are the authors').
         """
         super().__init__()
         self.fcos_head = head
@@ -117,6 +122,9 @@ class FCOS(nn.Module):
         self.nms_thresh = nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.box_nms = box_nms
+        self.topk_with_ctr = topk_with_ctr
+        self.sqrt_score = sqrt_score
+        self.clip_boxes = clip_boxes
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec], num_dynamic_params: int = 0):
@@ -150,6 +158,9 @@ class FCOS(nn.Module):
             "pre_nms_topk": fcos.PRE_NMS_TOPK_TEST,
             "nms_thresh": fcos.NMS_TH,
             "max_detections_per_image": fcos.POST_NMS_TOPK_TEST,
+            "topk_with_ctr": fcos.PRE_NMS_TOPK_WITH_CTR,
+            "sqrt_score": fcos.SQRT_SCORE,
+            "clip_boxes": fcos.CLIP_BOXES_BEFORE_NMS,
         }
 
     def forward(
@@ -243,6 +254,9 @@ class FCOS(nn.Module):
                 score_thresh=self.score_thresh,
                 pre_nms_topk=self.pre_nms_topk,
                 thresh_with_ctr=self.thresh_with_ctr,
+                topk_with_ctr=self.topk_with_ctr,
+                sqrt_score=self.sqrt_score,
+                clip_boxes=self.clip_boxes,
             )
             for level, (loc, logits, reg, ctr, stride) in enumerate(
                 zip(locations, outputs.logits, outputs.bbox_reg, outputs.ctrness, self.strides)

@@ -24,15 +24,26 @@ def candidates_single_level(
     score_thresh: float,
     pre_nms_topk: int,
     thresh_with_ctr: bool,
+    topk_with_ctr: bool = True,
+    sqrt_score: bool = True,
+    clip_boxes: bool = False,
 ) -> List[Instances]:
     """Scored boxes of one level for each image.
+
+    The defaults are the authors'; mmdetection's CondInst ranks by cls alone
+    (`topk_with_ctr=False`), scores cls * ctr (`sqrt_score=False`) and clips (`clip_boxes=True`).
 
     Args:
         locations: (Ml, 2); logits: (N, K, H, W); bbox_reg: (N, 4, H, W) in units of `stride`;
             ctrness: (N, 1, H, W) logits.
+        thresh_with_ctr: candidates are the (location, class) pairs whose cls * ctr (True) or cls
+            alone (False) exceeds `score_thresh`.
+        topk_with_ctr: the `pre_nms_topk` kept have the highest cls * ctr (True) or cls (False).
+        sqrt_score: the score is sqrt(cls * ctr) (True) or cls * ctr (False).
+        clip_boxes: clip the boxes to the image and drop those left empty.
     Returns:
-        N Instances with pred_boxes, scores (= sqrt(cls * ctr)), pred_classes, locations,
-        fpn_levels and loc_inds (row-major index of the location on this level).
+        N Instances with pred_boxes, scores, pred_classes, locations, fpn_levels and loc_inds
+        (row-major index of the location on this level).
     """
     n, k = logits.shape[:2]
     cls = logits.permute(0, 2, 3, 1).reshape(n, -1, k).sigmoid()
@@ -40,26 +51,29 @@ def candidates_single_level(
     ctr = ctrness.reshape(n, -1).sigmoid()
     scores = cls * ctr[:, :, None]
     candidates = (scores if thresh_with_ctr else cls) > score_thresh
+    rank = scores if topk_with_ctr else cls
     results = []
     for i in range(n):
         loc_inds, classes = candidates[i].nonzero(as_tuple=True)
-        per_scores = scores[i, loc_inds, classes]
-        if len(per_scores) > pre_nms_topk:
-            per_scores, top = per_scores.topk(pre_nms_topk, sorted=False)
+        if len(loc_inds) > pre_nms_topk:
+            top = rank[i, loc_inds, classes].topk(pre_nms_topk, sorted=False).indices
             loc_inds, classes = loc_inds[top], classes[top]
+        per_scores = scores[i, loc_inds, classes]
         locs, r = locations[loc_inds], reg[i, loc_inds]
-        boxes = torch.cat([locs - r[:, :2], locs + r[:, 2:]], dim=1)
-        results.append(
-            Instances(
-                image_sizes[i],
-                pred_boxes=Boxes(boxes),
-                scores=torch.sqrt(per_scores),
-                pred_classes=classes,
-                locations=locs,
-                fpn_levels=torch.full_like(classes, level),
-                loc_inds=loc_inds,
-            )
+        boxes = Boxes(torch.cat([locs - r[:, :2], locs + r[:, 2:]], dim=1))
+        result = Instances(
+            image_sizes[i],
+            pred_boxes=boxes,
+            scores=torch.sqrt(per_scores) if sqrt_score else per_scores,
+            pred_classes=classes,
+            locations=locs,
+            fpn_levels=torch.full_like(classes, level),
+            loc_inds=loc_inds,
         )
+        if clip_boxes:
+            boxes.clip(image_sizes[i])
+            result = result[boxes.nonempty()]
+        results.append(result)
     return results
 
 
@@ -71,8 +85,9 @@ def select_over_all_levels(
 
     Args:
         per_level: L lists of N Instances, from `candidates_single_level`.
-        box_nms: run class-aware NMS at IoU `nms_thresh` (boxes unclipped, as the authors do)
-            first; without it the best candidates are kept unsuppressed (for a later mask NMS).
+        box_nms: run class-aware NMS at IoU `nms_thresh` first (on the boxes as the candidates
+            hold them: unclipped, as the authors do, unless `clip_boxes`); without it the best
+            candidates are kept unsuppressed (for a later mask NMS).
     """
     results = []
     for per_image in zip(*per_level):
