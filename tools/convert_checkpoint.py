@@ -7,6 +7,8 @@ and, given --config-file, checks the result against the model that config builds
 
     python tools/convert_checkpoint.py CondInst_MS_R_50_1x.pth converted.pth --from authors \
         --config-file configs/CondInst/MS_R_50_1x.yaml
+    python tools/convert_checkpoint.py condinst_r50_fpn_ms-poly-90k_coco_instance.pth \
+        converted.pth --from mmdet --config-file configs/CondInst/mmdet_R_50_1x.yaml
 """
 
 import argparse
@@ -25,22 +27,27 @@ from condinst_d2.checkpoint import (
     check_derived,
     convert_state_dict,
     detect_format,
+    unwrap_state_dict,
 )
 from condinst_d2.config import get_condinst_cfg
 from condinst_d2.utils import atomic_write
 
 
 def _load(path: str) -> Dict[str, torch.Tensor]:
-    """The state dict in `path` (a state dict or {"model": state dict}); exits naming the file."""
+    """The state dict in `path` (a state dict, {"model": state dict} or a format's nesting such
+    as mmdetection's {"meta", "state_dict"}); exits naming the file."""
     if not os.path.isfile(path):
         sys.exit(f"error: no checkpoint file {path!r}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or not a torch file: say which file
         sys.exit(f"error: cannot read checkpoint {path!r}: {e}")
-    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    state = unwrap_state_dict(loaded.get("model", loaded)) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        sys.exit(f"error: {path!r} is not a state dict nor a {{'model': state_dict}} checkpoint")
+        sys.exit(
+            f"error: {path!r} is not a state dict nor a {{'model': state_dict}} or "
+            "{'state_dict': state_dict} checkpoint"
+        )
     return state
 
 
@@ -56,10 +63,14 @@ def _require_format(state: Dict[str, torch.Tensor], fmt: KeyFormat, path: str) -
     sys.exit(f"error: {path!r} is not in the layout of {fmt.description}: {found}")
 
 
-def _print_conversion(conversion: Conversion) -> None:
-    """Prints every renamed, dropped (with its value when small) and left-over key, then counts."""
+def _print_conversion(state: Dict[str, torch.Tensor], conversion: Conversion) -> None:
+    """Prints every renamed, transformed (with the shapes), dropped (with its value when small)
+    and left-over key of `state`, then counts."""
     for old, new in conversion.renamed:
         print(f"renamed  {old} -> {new}")
+    for old, new in conversion.transformed:
+        before, after = tuple(state[old].shape), tuple(conversion.state_dict[new].shape)
+        print(f"transformed  {old} {before} -> {new} {after}")
     for key, tensor in conversion.dropped.items():
         value = f" = {tensor.tolist()}" if tensor.numel() <= 8 else ""
         print(f"dropped  {key}{value} (no place in condinst_d2)")
@@ -114,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     state = _load(args.input)
     _require_format(state, fmt, args.input)
     conversion = convert_state_dict(state, fmt)
-    _print_conversion(conversion)
+    _print_conversion(state, conversion)
     problems = []
     if args.config_file:
         cfg = get_condinst_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])
