@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from condinst_d2.checkpoint import (
     AUTHORS,
     FORMATS,
+    MMDET,
     CondInstCheckpointer,
     KeyFormat,
     convert_state_dict,
@@ -95,6 +96,7 @@ def test_condinst_d2_and_mmdet_checkpoints_are_not_taken_for_the_authors():
     if MMDET_KEYS.is_file():  # a second layout must not be converted with the authors' table
         keys = [line.split("\t")[0] for line in MMDET_KEYS.read_text().splitlines()]
         assert not AUTHORS.matches(keys)
+        assert detect_format(keys) is MMDET
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -3,14 +3,15 @@ with configs/CondInst/mmdet_R_50_1x.yaml reproduces mmdetection 3.3's own output
 ../shared/fixtures/mmdet_condinst, whose README gives every step), and the inference options
 that config sets do what they say."""
 
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 from typing import Dict
 
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
+from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
@@ -21,6 +22,8 @@ from condinst_d2.checkpoint import (
     detect_format,
     unwrap_state_dict,
 )
+from condinst_d2.config import add_condinst_config
+from condinst_d2.data import read_image
 from condinst_d2.modeling.fcos.inference import candidates_single_level
 from condinst_d2.modeling.fcos.losses import ctrness_targets
 
@@ -91,6 +94,35 @@ def run(request, model):
     for hook in hooks:
         hook.remove()
     return ref, seen, result["instances"]
+
+
+def test_config_sets_mmdetections_inference_and_defaults_stay_the_authors(model):
+    fcos = model.proposal_generator
+    assert (fcos.thresh_with_ctr, fcos.topk_with_ctr, fcos.sqrt_score, fcos.clip_boxes) == (
+        False,
+        False,
+        False,
+        True,
+    )
+    assert model.max_proposals == 300  # mmdetection's max_masks_to_train
+    defaults = get_cfg()
+    add_condinst_config(defaults)
+    fcos_defaults = defaults.MODEL.FCOS
+    assert fcos_defaults.PRE_NMS_TOPK_WITH_CTR and fcos_defaults.SQRT_SCORE
+    assert not fcos_defaults.CLIP_BOXES_BEFORE_NMS
+
+
+def test_detectron2_test_resize_makes_mmdetections_resized_images():
+    """ResizeShortestEdge(800, 1333), the config's test resize (as demo/ and DefaultPredictor
+    apply it), gives the images mmdetection's Resize made, bit for bit."""
+    images = SHARED / "datasets" / "coco_val2017_subset" / "val2017"
+    if not images.is_dir():
+        pytest.skip(f"the COCO images are not at {images}")
+    resize = ResizeShortestEdge(800, 1333)
+    for name in IMAGES:
+        image = read_image(str(images / f"{name}.jpg"), format="BGR")
+        theirs = np.load(_fixture() / f"infer_{name}.npz")["resized_bgr_uint8"]
+        np.testing.assert_array_equal(resize.get_transform(image).apply_image(image), theirs)
 
 
 def _max_diff(ours: torch.Tensor, theirs: np.ndarray) -> float:
@@ -178,22 +210,26 @@ def test_checkpoint_loads_directly_with_no_key_missing():
     assert incompatible.incorrect_shapes == []
 
 
-def _convert(*args):
-    return subprocess.run(
-        [sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, check=False
-    )
+@pytest.fixture(scope="module")
+def convert_tool():
+    """tools/convert_checkpoint.py as a module (its `main` run in this process: no second
+    start of torch and Detectron2; test_checkpoint.py runs it as a command)."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_convert_tool_writes_the_same_weights(tmp_path):
+def test_convert_tool_writes_the_same_weights(tmp_path, convert_tool, capsys):
     out = tmp_path / "converted.pth"
-    result = _convert(_fixture() / "model.pth", out, "--from", "mmdet")
-    assert result.returncode == 0, result.stderr
+    assert convert_tool.main([str(_fixture() / "model.pth"), str(out), "--from", "mmdet"]) == 0
+    stdout = capsys.readouterr().out
     assert (
         "transformed  bbox_head.scales.0.scale () -> proposal_generator.fcos_head.scales.0.scale "
-        "(1,)" in result.stdout
+        "(1,)" in stdout
     )
-    assert "dropped  backbone.bn1.num_batches_tracked" in result.stdout
-    assert "370 tensors: 370 renamed, 0 kept, 53 dropped, 0 left over" in result.stdout
+    assert "dropped  backbone.bn1.num_batches_tracked" in stdout
+    assert "370 tensors: 370 renamed, 0 kept, 53 dropped, 0 left over" in stdout
     written = torch.load(out, map_location="cpu")["model"]
     expected = convert_state_dict(unwrap_state_dict(_mmdet_file()), MMDET).state_dict
     assert list(written) == list(expected)
@@ -201,7 +237,7 @@ def test_convert_tool_writes_the_same_weights(tmp_path):
         torch.testing.assert_close(written[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_an_mmdetection_file_that_is_not_a_condinst_is_refused(tmp_path):
+def test_an_mmdetection_file_that_is_not_a_condinst_is_refused(tmp_path, convert_tool):
     loaded = _mmdet_file()
     loaded["state_dict"] = {  # an mmdetection FCOS: no controller, no mask head
         k: v
@@ -210,10 +246,11 @@ def test_an_mmdetection_file_that_is_not_a_condinst_is_refused(tmp_path):
     }
     path = tmp_path / "fcos.pth"
     torch.save(loaded, path)
-    result = _convert(path, tmp_path / "o.pth", "--from", "mmdet")
-    assert result.returncode != 0 and not (tmp_path / "o.pth").exists()
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith(
+    with pytest.raises(SystemExit) as exit_info:  # the message is what the user sees
+        convert_tool.main([str(path), str(tmp_path / "o.pth"), "--from", "mmdet"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and not (tmp_path / "o.pth").exists()
+    assert message.startswith(
         f"error: {str(path)!r} is not in the layout of mmdetection's CondInst: it matches none"
     )
     with pytest.raises(ValueError, match="holds no weights of this model"):
