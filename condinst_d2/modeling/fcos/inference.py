@@ -44,7 +44,11 @@ def candidates_single_level(
     for i in range(n):
         loc_inds, classes = candidates[i].nonzero(as_tuple=True)
         per_scores = scores[i, loc_inds, classes]
-        if len(per_scores) > pre_nms_topk:
+        if torch.jit.is_tracing():  # ONNX export: the number of candidates is known at run time
+            num = torch.clamp(torch._shape_as_tensor(per_scores)[0], max=pre_nms_topk)
+            per_scores, top = per_scores.topk(num, sorted=False)
+            loc_inds, classes = loc_inds[top], classes[top]
+        elif len(per_scores) > pre_nms_topk:
             per_scores, top = per_scores.topk(pre_nms_topk, sorted=False)
             loc_inds, classes = loc_inds[top], classes[top]
         locs, r = locations[loc_inds], reg[i, loc_inds]
