@@ -7,6 +7,6 @@ Needs only onnxruntime, numpy and opencv (no torch, no detectron2):
     det = model(cv2.imread("photo.jpg"))  # boxes (D, 4), scores, classes, masks (D, H, W) bool
 """
 
-from .runtime import CondInstOnnx, Detections, NotCondInstOnnxError, test_size
+from .runtime import CondInstOnnx, Detections, NotCondInstOnnxError, resized_size
 
-__all__ = ["CondInstOnnx", "Detections", "NotCondInstOnnxError", "test_size"]
+__all__ = ["CondInstOnnx", "Detections", "NotCondInstOnnxError", "resized_size"]

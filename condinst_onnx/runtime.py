@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["CondInstOnnx", "Detections", "NotCondInstOnnxError", "test_size"]
+__all__ = ["CondInstOnnx", "Detections", "NotCondInstOnnxError", "resized_size"]
 
 # Written by condinst_d2.export (METADATA_MARKER, FORMAT_VERSION); this module reads version 1.
 MARKER = "condinst_d2.onnx_format"
@@ -36,7 +36,7 @@ class Detections(NamedTuple):
     masks: np.ndarray  # (D, H, W) bool
 
 
-def test_size(height: int, width: int, min_size: int, max_size: int) -> Tuple[int, int]:
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> Tuple[int, int]:
     """The (h, w) Detectron2's ResizeShortestEdge([min_size, min_size], max_size) gives an image
     of (height, width): short side to min_size unless the long side would exceed max_size."""
     scale = min_size / min(height, width)
@@ -107,7 +107,7 @@ class CondInstOnnx:
             )
         image = bgr_image[:, :, ::-1] if self.input_format == "RGB" else bgr_image
         if self.min_size > 0:
-            h, w = test_size(*image.shape[:2], self.min_size, self.max_size)
+            h, w = resized_size(*image.shape[:2], self.min_size, self.max_size)
             if (h, w) != image.shape[:2]:
                 image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
         return np.ascontiguousarray(image.transpose(2, 0, 1))
