@@ -46,7 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", required=True, metavar="FILE", help="a CondInst config")
     parser.add_argument("--output", default="model.onnx", metavar="FILE", help="the ONNX file")
     parser.add_argument(
-        "--test-image", metavar="IMG", help="image of the PyTorch check (default: a generated scene)"
+        "--test-image",
+        metavar="IMG",
+        help="image of the PyTorch check (default: a generated scene)",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser
@@ -69,7 +71,9 @@ def build(args: argparse.Namespace):
     try:
         cfg = get_condinst_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
     except (OSError, KeyError, ValueError, AssertionError) as e:
-        raise ExportFailure(f"invalid config {args.config_file} / overrides {args.opts}: {e}") from e
+        raise ExportFailure(
+            f"invalid config {args.config_file} / overrides {args.opts}: {e}"
+        ) from e
     if cfg.MODEL.META_ARCHITECTURE != "CondInst":
         raise ExportFailure(
             f"{args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; "

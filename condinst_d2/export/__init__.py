@@ -8,4 +8,10 @@ from .onnx_export import (
     export_onnx,
 )
 
-__all__ = ["METADATA_MARKER", "OnnxExportError", "check_exportable", "config_metadata", "export_onnx"]
+__all__ = [
+    "METADATA_MARKER",
+    "OnnxExportError",
+    "check_exportable",
+    "config_metadata",
+    "export_onnx",
+]

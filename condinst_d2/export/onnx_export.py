@@ -25,7 +25,13 @@ from onnx import TensorProto, helper
 from ..modeling.meta_arch import CondInst
 from ..modeling.postprocessing import paste_masks_by_steps, rescale_detections
 
-__all__ = ["METADATA_MARKER", "OnnxExportError", "check_exportable", "config_metadata", "export_onnx"]
+__all__ = [
+    "METADATA_MARKER",
+    "OnnxExportError",
+    "check_exportable",
+    "config_metadata",
+    "export_onnx",
+]
 
 # metadata_props key that marks a file as written by this exporter; its value is the layout version.
 METADATA_MARKER = "condinst_d2.onnx_format"
@@ -95,8 +101,13 @@ class _PasteOne(torch.nn.Module):
         )
 
 
-def _trace(module: torch.nn.Module, args: Tuple, names: Sequence[str], outputs: Sequence[str],
-           dynamic_axes: Dict) -> onnx.ModelProto:
+def _trace(
+    module: torch.nn.Module,
+    args: Tuple,
+    names: Sequence[str],
+    outputs: Sequence[str],
+    dynamic_axes: Dict,
+) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # Tracer warnings about Python values are expected: every data-dependent size in the
@@ -117,6 +128,7 @@ def _trace(module: torch.nn.Module, args: Tuple, names: Sequence[str], outputs: 
 
 def _prefixed(graph: onnx.GraphProto, prefix: str, keep: Dict[str, str]) -> List[onnx.NodeProto]:
     """The nodes of `graph` with every value name prefixed, except those renamed by `keep`."""
+
     def rename(name: str) -> str:
         return keep.get(name, prefix + name) if name else name
 
@@ -143,8 +155,9 @@ def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
             "paste/",
             {probs_in: probs_in, image_hw_in: "image_hw", output_hw_in: "output_hw"},
         ),
-        helper.make_node("Squeeze", ["paste/" + paste.graph.output[0].name, "paste/axis0"],
-                         ["mask"]),
+        helper.make_node(
+            "Squeeze", ["paste/" + paste.graph.output[0].name, "paste/axis0"], ["mask"]
+        ),
         helper.make_node("Identity", ["cond"], ["cond_out"]),
     ]
     initializers = [helper.make_tensor("paste/axis0", TensorProto.INT64, [1], [0])]
@@ -169,8 +182,12 @@ def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
         [
             helper.make_node("Shape", ["mask_probs"], ["num_masks_1d"], start=0, end=1),
             helper.make_node("Squeeze", ["num_masks_1d"], ["num_masks"]),
-            helper.make_node("Constant", [], ["loop_cond"], value=helper.make_tensor(
-                "loop_cond_value", TensorProto.BOOL, [], [True])),
+            helper.make_node(
+                "Constant",
+                [],
+                ["loop_cond"],
+                value=helper.make_tensor("loop_cond_value", TensorProto.BOOL, [], [True]),
+            ),
             helper.make_node("Loop", ["num_masks", "loop_cond"], ["loop_masks"], body=body),
             # A Loop that runs 0 times gives a (0, 0, 0) scan output: make it (0, H, W).
             helper.make_node("Concat", ["num_masks_1d", "output_hw"], ["masks_shape"], axis=0),
