@@ -6,6 +6,7 @@ Parity bar (ONNX Runtime vs PyTorch on the same resized input): same count and c
 within 0.01 px, scores within 1e-4, every mask's IoU >= 0.99.
 """
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -63,14 +64,13 @@ def export_tool():
 
 @pytest.fixture
 def logs(caplog):
-    """Records of condinst_d2's and the demo's loggers (Detectron2's setup_logger stops them
-    from propagating)."""
-    loggers = [logging.getLogger(name) for name in ("condinst_d2", "demo")]
-    for logger in loggers:
-        logger.addHandler(caplog.handler)
-    yield caplog
-    for logger in loggers:
-        logger.removeHandler(caplog.handler)
+    """caplog, also fed by the exporter's and the demo's loggers (Detectron2's setup_logger
+    stops them from propagating)."""
+    with contextlib.ExitStack() as stack:
+        for name in ("condinst_d2", "demo"):
+            logging.getLogger(name).addHandler(caplog.handler)
+            stack.callback(logging.getLogger(name).removeHandler, caplog.handler)
+        yield caplog
 
 
 def _tool_args(output, *opts, case: str = "tiny_base"):

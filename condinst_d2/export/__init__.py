@@ -1,17 +1,6 @@
 """Export of a whole CondInst model (image -> final detections) to one ONNX file."""
 
-from .onnx_export import (
-    METADATA_MARKER,
-    OnnxExportError,
-    check_exportable,
-    config_metadata,
-    export_onnx,
-)
+from . import onnx_export
+from .onnx_export import *  # noqa: F403  (the API: see onnx_export.__all__)
 
-__all__ = [
-    "METADATA_MARKER",
-    "OnnxExportError",
-    "check_exportable",
-    "config_metadata",
-    "export_onnx",
-]
+__all__ = onnx_export.__all__
