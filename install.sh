@@ -86,7 +86,8 @@ else
     has "import detectron2.modeling, detectron2.engine" || fail "detectron2 was installed but does not import"
 fi
 
-if has "import condinst_d2, os, sys; sys.exit(os.path.realpath(os.path.dirname(condinst_d2.__file__)) != os.path.realpath('$ROOT/condinst_d2'))"; then
+# condinst_onnx (the torch-free ONNX runtime) is installed with it: an older editable install lacks it.
+if has "import condinst_onnx, condinst_d2, os, sys; sys.exit(os.path.realpath(os.path.dirname(condinst_d2.__file__)) != os.path.realpath('$ROOT/condinst_d2'))"; then
     say "condinst_d2 (editable): present"
 else
     say "installing condinst_d2 (editable)"

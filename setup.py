@@ -16,7 +16,8 @@ setup(
     name="condinst_d2",
     version=_version(),
     description="CondInst instance segmentation for Detectron2, faithful to the authors' model zoo",
-    packages=find_packages(include=["condinst_d2", "condinst_d2.*"]),
+    # condinst_onnx: the torch-free runtime of exported ONNX models.
+    packages=find_packages(include=["condinst_d2", "condinst_d2.*", "condinst_onnx"]),
     python_requires=">=3.10",
     # detectron2 is deliberately not listed: users keep the one they built; install.sh adds one.
     install_requires=["torch>=2.0", "torchvision", "fvcore", "pycocotools", "opencv-python"],

@@ -4,6 +4,7 @@
     python demo/demo.py --config-file CONFIG --input IMAGES... [--output DIR] [--opts KEY VALUE ...]
     python demo/demo.py --config-file CONFIG --video-input VIDEO [--output OUT.mp4] [--max-frames N]
     python demo/demo.py --config-file CONFIG --webcam [--output OUT.mp4]
+    python demo/demo.py --onnx MODEL.onnx --input IMAGES... (or --video-input / --webcam)
 
 Without --output the results are shown in a window (Esc quits). The exit status is 1 when any
 input could not be processed (the others still are) or an argument is invalid.
@@ -32,6 +33,7 @@ from condinst_d2.config import get_condinst_cfg
 from condinst_d2.data import read_image
 
 # The demo's own modules: demo/ is on sys.path when this file runs as a script.
+from onnx_predictor import OnnxPredictor
 from predictions_json import instances_to_record, write_json
 from predictor import BatchPredictor
 from video_io import VIDEO_SUFFIXES, AtomicVideoWriter, capture_fps, frame_batches, open_capture
@@ -65,7 +67,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="a CondInst config")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE", help="a CondInst config")
+    model.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="instead of a config: a model exported by tools/export_onnx.py, run with ONNX "
+        "Runtime (test size, channel order and class names come from the file; --opts unused)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="images: files, folders (their images) or globs")
     source.add_argument("--video-input", metavar="VIDEO", help="a video file that OpenCV reads")
@@ -364,6 +373,8 @@ def stream_name(args: argparse.Namespace) -> str:
 
 def build_predictor(args: argparse.Namespace) -> Tuple[BatchPredictor, Metadata]:
     """(BatchPredictor, metadata of DATASETS.TEST[0] or "__unused") from the arguments."""
+    if args.onnx:
+        return build_onnx_predictor(args)
     cfg = setup_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     try:
@@ -372,6 +383,16 @@ def build_predictor(args: argparse.Namespace) -> Tuple[BatchPredictor, Metadata]
         raise DemoError(
             f"cannot build the model or load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}"
         ) from e
+
+
+def build_onnx_predictor(args: argparse.Namespace) -> Tuple[OnnxPredictor, Metadata]:
+    """--onnx: (OnnxPredictor, metadata with the file's class names)."""
+    try:
+        predictor = OnnxPredictor(args.onnx, args.confidence_threshold)
+    except ValueError as e:  # the message names the file
+        raise DemoError(str(e)) from e
+    names = predictor.runtime.class_names
+    return predictor, Metadata(name=args.onnx, **({"thing_classes": names} if names else {}))
 
 
 def output_paths(

@@ -12,8 +12,11 @@ median of repeats after warm-up, with the two models' runs interleaved. Reported
   4. peak memory of inference on a 2500x1800 image (--large-size) with 100 detections, each model
      in its own process;
   and CondInst's latency against the time its FLOPs take at this machine's 3x3-conv throughput.
+With --onnx, also CondInst exported to ONNX (condinst_d2.export) and run with ONNX Runtime
+against the same PyTorch model: end-to-end latency at --size (same uint8 input, interleaved)
+and peak memory at --large-size (own process).
 
-    python tools/benchmark.py [--threads 2] [--repeats 5] [--plot bench.png] [--json out.json]
+    python tools/benchmark.py [--threads 2] [--repeats 5] [--onnx] [--plot bench.png] [--json out.json]
 """
 
 import argparse
@@ -22,10 +25,12 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+import onnxruntime
 import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg
@@ -37,9 +42,11 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 
 from condinst_d2.config import get_condinst_cfg
+from condinst_d2.export import export_onnx
 from condinst_d2.modeling.dynamic_mask_head import pack_dynamic_params
 from condinst_d2.modeling.layers import compute_locations
 from condinst_d2.modeling.postprocessing import paste_masks, paste_masks_by_steps
+from condinst_onnx import CondInstOnnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONDINST_CONFIG = os.path.join(ROOT, "configs", "CondInst", "MS_R_50_1x.yaml")
@@ -285,10 +292,13 @@ def flops(model, size) -> float:
     return 2 * analysis.total()  # fvcore counts multiply-adds
 
 
-def peak_memory(name: str, size) -> float:
-    """MiB of peak resident memory added by one inference on an image of `size` (own process)."""
+def peak_memory(name: str, size, onnx_file: Optional[str] = None) -> float:
+    """MiB of peak resident memory added by one inference on an image of `size` (own process);
+    name "onnx": ONNX Runtime on `onnx_file`."""
+    extra = ["--onnx-file", onnx_file] if onnx_file else []
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", name, "--large-size", *map(str, size)],
+        [sys.executable, __file__, "--memory-worker", name, "--large-size", *map(str, size)]
+        + extra,
         capture_output=True,
         text=True,
         check=True,
@@ -303,14 +313,67 @@ def _resident_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _memory_worker(name: str, size) -> None:
+def _memory_worker(name: str, size, onnx_file: Optional[str], threads: int) -> None:
     # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across fork + exec.
+    if name == "onnx":
+        runtime = CondInstOnnx(onnx_file, threads=threads)
+        x = image(*size).round().to(torch.uint8).numpy()
+        before = _resident_mib("VmRSS")
+        detections = len(runtime.run(x, size).scores)
+        print(json.dumps({"peak_mib": _resident_mib("VmHWM") - before, "detections": detections}))
+        return
     model = build(name)
     x = image(*size)
     before = _resident_mib("VmRSS")
     with torch.no_grad():
         detections = len(model([{"image": x}])[0]["instances"])
     print(json.dumps({"peak_mib": _resident_mib("VmHWM") - before, "detections": detections}))
+
+
+@torch.no_grad()
+def onnx_runtime(
+    condinst, repeats: int, size, large_size, threads: int, pytorch_peak_mib: float
+) -> Dict:
+    """ONNX Runtime on the exported `condinst` vs `condinst` itself: latency at `size` on the
+    same uint8 image (runs interleaved) and peak memory at `large_size` (own process), next to
+    PyTorch's `pytorch_peak_mib` measured the same way."""
+    x = image(*size).round().to(torch.uint8)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "condinst.onnx")
+        with open(path, "wb") as f:
+            f.write(
+                export_onnx(
+                    condinst,
+                    x,
+                    {
+                        "input_format": "BGR",
+                        "min_size_test": "0",
+                        "max_size_test": "0",
+                        "class_names": "[]",
+                    },
+                ).SerializeToString()
+            )
+        runtime = CondInstOnnx(path, threads=threads)
+        inputs = [{"image": x.float()}]
+        fns = {
+            "onnxruntime": lambda: runtime.run(x.numpy(), size),
+            "pytorch": lambda: condinst(inputs),
+        }
+        counts = {
+            "onnxruntime": len(fns["onnxruntime"]().scores),
+            "pytorch": len(fns["pytorch"]()[0]["instances"]),
+        }
+        times = interleaved(fns, repeats)
+        memory = {
+            "onnxruntime": peak_memory("onnx", large_size, path),
+            "pytorch": pytorch_peak_mib,
+        }
+    return {
+        "seconds": times,
+        "detections": counts,
+        "peak_memory_mib": memory,
+        "onnxruntime_version": onnxruntime.__version__,
+    }
 
 
 # The project's targets for each ratio (CondInst / Mask R-CNN, or latency / FLOP floor).
@@ -320,6 +383,8 @@ TARGETS = {
     "slope": 0.33,
     "peak_memory": 0.5,
     "flop_floor": 1.3,
+    "onnx_latency": 0.8,
+    "onnx_memory": 1.0,
 }
 
 
@@ -403,7 +468,32 @@ def report(r: Dict) -> str:
         f"  3x3 conv 256 ch: {conv['channels_last'] * 1e3:.1f} ms channels-last vs {conv['standard'] * 1e3:.1f} ms "
         f"standard layout ({conv['standard'] / conv['channels_last']:.2f}x)"
     )
+    if "onnx" in r:
+        rows += ["", *onnx_report(r["onnx"], size, large)]
     return "\n".join(rows)
+
+
+def onnx_report(o: Dict, size, large) -> List[str]:
+    """The ONNX Runtime table: exported CondInst vs the same model in PyTorch."""
+    t, n, mem = o["seconds"], o["detections"], o["peak_memory_mib"]
+    return [
+        "| CondInst R-50 | ONNX Runtime | PyTorch | ONNX Runtime / PyTorch | target |",
+        "|---|---|---|---|---|",
+        _row(
+            f"inference {size[0]}x{size[1]} ({n['onnxruntime']} vs {n['pytorch']} detections)",
+            t["onnxruntime"],
+            t["pytorch"],
+            target=TARGETS["onnx_latency"],
+        ),
+        _row(
+            f"peak inference memory {large[0]}x{large[1]}",
+            mem["onnxruntime"],
+            mem["pytorch"],
+            "MiB",
+            TARGETS["onnx_memory"],
+        ),
+        f"onnxruntime {o['onnxruntime_version']}",
+    ]
 
 
 def plot(r: Dict, path: str) -> None:
@@ -430,7 +520,7 @@ def _progress(what: str, value) -> None:
     print(f"[benchmark] {what}: {json.dumps(value)}", file=sys.stderr, flush=True)
 
 
-def run(threads: int, repeats: int, size=SIZE, large_size=LARGE) -> Dict:
+def run(threads: int, repeats: int, size=SIZE, large_size=LARGE, onnx: bool = False) -> Dict:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     models = {"condinst": build("condinst"), "mask_rcnn": build("mask_rcnn")}
@@ -453,6 +543,11 @@ def run(threads: int, repeats: int, size=SIZE, large_size=LARGE) -> Dict:
     r["ablations"] = ablations(models["condinst"], repeats, size)
     _progress("ablations", r["ablations"])
     r["peak_memory_mib"] = {n: peak_memory(n, large_size) for n in models}
+    if onnx:
+        r["onnx"] = onnx_runtime(
+            models["condinst"], repeats, size, large_size, threads, r["peak_memory_mib"]["condinst"]
+        )
+        _progress("onnx", r["onnx"])
     return r
 
 
@@ -476,14 +571,18 @@ def main(argv=None) -> int:
         help="peak-memory input",
     )
     parser.add_argument(
-        "--memory-worker", choices=["condinst", "mask_rcnn"], help=argparse.SUPPRESS
+        "--onnx", action="store_true", help="also ONNX Runtime vs PyTorch (exports CondInst)"
     )
+    parser.add_argument(
+        "--memory-worker", choices=["condinst", "mask_rcnn", "onnx"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--onnx-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
         torch.set_num_threads(args.threads)
-        _memory_worker(args.memory_worker, args.large_size)
+        _memory_worker(args.memory_worker, args.large_size, args.onnx_file, args.threads)
         return 0
-    results = run(args.threads, args.repeats, tuple(args.size), tuple(args.large_size))
+    results = run(args.threads, args.repeats, tuple(args.size), tuple(args.large_size), args.onnx)
     print(report(results))
     if args.json:
         with open(args.json, "w") as f:

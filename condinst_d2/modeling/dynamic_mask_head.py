@@ -42,7 +42,7 @@ def parse_dynamic_params(
     splits = torch.split(params, list(weight_nums) + list(bias_nums), dim=1)
     biases = [b.unsqueeze(2) for b in splits[num_layers:]]
     weights = [
-        w.reshape(len(params), b.shape[1], w.shape[1] // b.shape[1])
+        w.reshape(params.shape[0], b.shape[1], w.shape[1] // b.shape[1])
         for w, b in zip(splits[:num_layers], biases)
     ]
     return weights, biases
@@ -146,9 +146,9 @@ class DynamicMaskHead(nn.Module):
         Returns:
             (R, 1, h*f, w*f) logits.
         """
-        n_inst = len(instances)
         _, _, h, w = mask_feats.shape
-        x = mask_feats[instances.im_inds].reshape(n_inst, self.in_channels, h * w)
+        # Sizes from shapes, not len(): an exported graph keeps R dynamic.
+        x = mask_feats.flatten(2)[instances.im_inds]  # (R, Cm, h*w)
         if not self.disable_rel_coords:
             grid = compute_locations(h, w, self.mask_feat_stride, mask_feats.device)
             scales = mask_feats.new_tensor(self.sizes_of_interest)[instances.fpn_levels]
@@ -162,7 +162,7 @@ class DynamicMaskHead(nn.Module):
             if i < len(weights) - 1:
                 x = F.relu(x)
         factor = self.mask_feat_stride // self.mask_out_stride
-        return aligned_bilinear(x.reshape(n_inst, 1, h, w), factor)
+        return aligned_bilinear(x.reshape(x.shape[0], 1, h, w), factor)
 
     def loss(
         self, mask_feats: torch.Tensor, instances: Instances, gt_bitmasks: torch.Tensor

@@ -21,7 +21,7 @@ from detectron2.structures import Instances
 
 from .layers import aligned_bilinear
 
-__all__ = ["paste_masks", "paste_masks_by_steps", "postprocess"]
+__all__ = ["paste_masks", "paste_masks_by_steps", "postprocess", "rescale_detections"]
 
 
 class _Taps(NamedTuple):
@@ -143,6 +143,30 @@ def paste_masks(
     return out
 
 
+def rescale_detections(
+    detections: Instances, output_height: int, output_width: int
+) -> Tuple[Instances, torch.Tensor]:
+    """One image's detections with boxes scaled to (output_height, output_width), clipped, and
+    empty boxes dropped.
+
+    Args:
+        detections: D detections with image_size (h, w), pred_boxes, scores, pred_classes.
+    Returns:
+        Instances of size (H, W) with pred_boxes, scores and pred_classes of the D' kept, and
+        the (D,) bool mask of the kept detections.
+    """
+    image_size = detections.image_size
+    boxes = detections.pred_boxes.clone()
+    boxes.scale(output_width / image_size[1], output_height / image_size[0])
+    boxes.clip((output_height, output_width))
+    keep = boxes.nonempty()
+    result = Instances((output_height, output_width))
+    result.pred_boxes = boxes[keep]
+    result.scores = detections.scores[keep]
+    result.pred_classes = detections.pred_classes[keep]
+    return result, keep
+
+
 def postprocess(
     detections: Instances,
     mask_probs: torch.Tensor,
@@ -160,16 +184,12 @@ def postprocess(
         Instances of size (H, W) with pred_boxes (scaled, clipped; empty boxes dropped), scores,
         pred_classes and pred_masks (D', H, W) bool.
     """
-    image_size = detections.image_size
-    boxes = detections.pred_boxes.clone()
-    boxes.scale(output_width / image_size[1], output_height / image_size[0])
-    boxes.clip((output_height, output_width))
-    keep = boxes.nonempty()
-    result = Instances((output_height, output_width))
-    result.pred_boxes = boxes[keep]
-    result.scores = detections.scores[keep]
-    result.pred_classes = detections.pred_classes[keep]
+    result, keep = rescale_detections(detections, output_height, output_width)
     result.pred_masks = paste_masks(
-        mask_probs[keep], padded_size, image_size, (output_height, output_width), mask_threshold
+        mask_probs[keep],
+        padded_size,
+        detections.image_size,
+        (output_height, output_width),
+        mask_threshold,
     )
     return result

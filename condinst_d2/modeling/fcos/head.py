@@ -133,12 +133,11 @@ class FCOSHead(nn.Module):
             (R, P) dynamic parameters, in the order of the inputs.
         """
         channels = bbox_towers[0].shape[1]
-        patches = bbox_towers[0].new_zeros((len(loc_inds), channels * 9))
+        patches = bbox_towers[0].new_zeros((loc_inds.shape[0], channels * 9))
         offsets = torch.arange(3, device=loc_inds.device)
         for level, tower in enumerate(bbox_towers):
+            # No early exit for a level without selections: an exported graph has no branches.
             sel = torch.nonzero(fpn_levels == level).squeeze(1)
-            if len(sel) == 0:
-                continue
             width = tower.shape[3]
             ys, xs = loc_inds[sel] // width, loc_inds[sel] % width
             padded = F.pad(tower, (1, 1, 1, 1))

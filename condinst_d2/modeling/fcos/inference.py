@@ -55,8 +55,13 @@ def candidates_single_level(
     results = []
     for i in range(n):
         loc_inds, classes = candidates[i].nonzero(as_tuple=True)
-        if len(loc_inds) > pre_nms_topk:
-            top = rank[i, loc_inds, classes].topk(pre_nms_topk, sorted=False).indices
+        ranked = rank[i, loc_inds, classes]
+        if torch.jit.is_tracing():  # ONNX export: the number of candidates is known at run time
+            num = torch.clamp(torch._shape_as_tensor(ranked)[0], max=pre_nms_topk)
+            top = ranked.topk(num, sorted=False).indices
+            loc_inds, classes = loc_inds[top], classes[top]
+        elif len(loc_inds) > pre_nms_topk:
+            top = ranked.topk(pre_nms_topk, sorted=False).indices
             loc_inds, classes = loc_inds[top], classes[top]
         per_scores = scores[i, loc_inds, classes]
         locs, r = locations[loc_inds], reg[i, loc_inds]

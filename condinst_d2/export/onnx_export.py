@@ -1,0 +1,256 @@
+"""CondInst -> one ONNX graph from a uint8 image to final detections at a requested size.
+
+Graph inputs: `image` (3, h, w) uint8 in INPUT.FORMAT, already resized to the test size (as
+Detectron2's predictor does it outside the model), h and w dynamic; `output_hw` (2,) int64, the
+size (H, W) to return boxes and masks at (the original image's). Outputs: `boxes` (D, 4) float32
+XYXY, `scores` (D,), `classes` (D,) int64, `masks` (D, H, W) bool, D dynamic (0 allowed).
+
+The traced part is the library's own inference: `preprocess_image`, backbone, mask branch (no
+semantic head at inference), FCOS decoding and NMS (`candidates_single_level`,
+`select_over_all_levels`: ONNX NonMaxSuppression), the controller at the detections, the
+dynamic mask head and `rescale_detections`. The paste, `paste_masks_by_steps`, runs one mask at a
+time in an ONNX Loop appended to the traced graph, so that at most one mask exists as
+full-size floats (D of them at 800x1216 would be 400 MB).
+"""
+
+import io
+import json
+import warnings
+from typing import Dict, List, Sequence, Tuple
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ..modeling.meta_arch import CondInst
+from ..modeling.postprocessing import paste_masks_by_steps, rescale_detections
+
+__all__ = [
+    "METADATA_MARKER",
+    "OnnxExportError",
+    "check_exportable",
+    "config_metadata",
+    "export_onnx",
+]
+
+# metadata_props key that marks a file as written by this exporter; its value is the layout version.
+METADATA_MARKER = "condinst_d2.onnx_format"
+FORMAT_VERSION = "1"
+OPSET = 17
+INPUT_NAMES = ["image", "output_hw"]
+OUTPUT_NAMES = ["boxes", "scores", "classes", "masks"]
+
+
+class OnnxExportError(ValueError):
+    """A model or config that the exporter cannot turn into a graph; the message says why."""
+
+
+def check_exportable(model: CondInst) -> None:
+    """Raises OnnxExportError for what the exported graph does not compute."""
+    if not isinstance(model, CondInst):
+        raise OnnxExportError(f"only CondInst models export, got {type(model).__name__}")
+    if model.mask_nms:
+        raise OnnxExportError(
+            "MODEL.CONDINST.MASK_NMS does not export to ONNX (its pairwise mask IoU has no "
+            "exportable form here); export with MODEL.CONDINST.MASK_NMS False (box NMS)"
+        )
+
+
+class _Detector(torch.nn.Module):
+    """The traced part: image -> boxes, scores, classes at output_hw, the kept detections' mask
+    probabilities (D, 1, hm, wm) on the padded canvas, and the image's (h, w)."""
+
+    def __init__(self, model: CondInst):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, output_hw: torch.Tensor):
+        model = self.model
+        images = model.preprocess_image([{"image": image.float()}])
+        features = model.backbone(images.tensor)
+        mask_feats, _ = model.mask_branch(features)
+        detections = model.proposal_generator(images, features)[0][0]
+        mask_probs = model.mask_head(mask_feats, detections).sigmoid()
+        result, keep = rescale_detections(detections, output_hw[0], output_hw[1])
+        image_hw = torch._shape_as_tensor(image)[1:]
+        return (
+            result.pred_boxes.tensor,
+            result.scores,
+            result.pred_classes,
+            mask_probs[keep],
+            image_hw,
+        )
+
+
+class _PasteOne(torch.nn.Module):
+    """The paste of one mask: (1, 1, hm, wm) probabilities -> (1, H, W) bool."""
+
+    def __init__(self, factor: int, threshold: float):
+        super().__init__()
+        self.factor = factor
+        self.threshold = threshold
+
+    def forward(self, probs: torch.Tensor, image_hw: torch.Tensor, output_hw: torch.Tensor):
+        padded = (probs.shape[2] * self.factor, probs.shape[3] * self.factor)
+        return paste_masks_by_steps(
+            probs,
+            padded,
+            (image_hw[0], image_hw[1]),
+            (output_hw[0], output_hw[1]),
+            self.threshold,
+        )
+
+
+def _trace(
+    module: torch.nn.Module,
+    args: Tuple,
+    names: Sequence[str],
+    outputs: Sequence[str],
+    dynamic_axes: Dict,
+) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # Tracer warnings about Python values are expected: every data-dependent size in the
+        # traced code is taken from tensor shapes, which the exporter keeps dynamic.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=list(names),
+            output_names=list(outputs),
+            dynamic_axes=dynamic_axes,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _prefixed(graph: onnx.GraphProto, prefix: str, keep: Dict[str, str]) -> List[onnx.NodeProto]:
+    """The nodes of `graph` with every value name prefixed, except those renamed by `keep`."""
+
+    def rename(name: str) -> str:
+        return keep.get(name, prefix + name) if name else name
+
+    nodes = []
+    for node in graph.node:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        node.input[:] = [rename(x) for x in node.input]
+        node.output[:] = [rename(x) for x in node.output]
+        node.name = prefix + node.name
+        nodes.append(node)
+    return nodes
+
+
+def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
+    """Replaces main's `mask_probs` and `image_hw` outputs by `masks` (D, H, W) bool, computed by
+    a Loop that runs `paste` on one detection at a time."""
+    graph = main.graph
+    probs_in, image_hw_in, output_hw_in = (x.name for x in paste.graph.input)
+    body_nodes = [
+        helper.make_node("Gather", ["mask_probs", "i"], ["paste/one"], axis=0),
+        helper.make_node("Unsqueeze", ["paste/one", "paste/axis0"], [probs_in]),
+        *_prefixed(
+            paste.graph,
+            "paste/",
+            {probs_in: probs_in, image_hw_in: "image_hw", output_hw_in: "output_hw"},
+        ),
+        helper.make_node(
+            "Squeeze", ["paste/" + paste.graph.output[0].name, "paste/axis0"], ["mask"]
+        ),
+        helper.make_node("Identity", ["cond"], ["cond_out"]),
+    ]
+    initializers = [helper.make_tensor("paste/axis0", TensorProto.INT64, [1], [0])]
+    for init in paste.graph.initializer:
+        init = onnx.TensorProto.FromString(init.SerializeToString())
+        init.name = "paste/" + init.name
+        initializers.append(init)
+    body = helper.make_graph(
+        body_nodes,
+        "paste_one_mask",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["H", "W"]),
+        ],
+        initializer=initializers,
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Shape", ["mask_probs"], ["num_masks_1d"], start=0, end=1),
+            helper.make_node("Squeeze", ["num_masks_1d"], ["num_masks"]),
+            helper.make_node(
+                "Constant",
+                [],
+                ["loop_cond"],
+                value=helper.make_tensor("loop_cond_value", TensorProto.BOOL, [], [True]),
+            ),
+            helper.make_node("Loop", ["num_masks", "loop_cond"], ["loop_masks"], body=body),
+            # A Loop that runs 0 times gives a (0, 0, 0) scan output: make it (0, H, W).
+            helper.make_node("Concat", ["num_masks_1d", "output_hw"], ["masks_shape"], axis=0),
+            helper.make_node("Reshape", ["loop_masks", "masks_shape"], ["masks"], allowzero=1),
+        ]
+    )
+    kept = [o for o in graph.output if o.name not in ("mask_probs", "image_hw")]
+    del graph.output[:]
+    graph.output.extend(kept)
+    graph.output.append(helper.make_tensor_value_info("masks", TensorProto.BOOL, ["D", "H", "W"]))
+
+
+@torch.no_grad()
+def export_onnx(
+    model: CondInst, sample_image: torch.Tensor, metadata: Dict[str, str]
+) -> onnx.ModelProto:
+    """Traces `model` (eval mode, CPU) into one ONNX model (see the module docstring).
+
+    Args:
+        sample_image: (3, h, w) uint8 image the tracer runs on (any content).
+        metadata: strings stored in the file's metadata_props (next to the exporter's marker).
+    Returns:
+        The model, checked with `onnx.checker`.
+    Raises:
+        OnnxExportError: for a model the graph cannot compute (`check_exportable`).
+    """
+    check_exportable(model)
+    model = model.eval()
+    output_hw = torch.tensor(sample_image.shape[1:], dtype=torch.int64)
+    main = _trace(
+        _Detector(model).eval(),
+        (sample_image, output_hw),
+        INPUT_NAMES,
+        ["boxes", "scores", "classes", "mask_probs", "image_hw"],
+        {
+            "image": {1: "h", 2: "w"},
+            "boxes": {0: "D"},
+            "scores": {0: "D"},
+            "classes": {0: "D"},
+            "mask_probs": {0: "D", 2: "hm", 3: "wm"},
+        },
+    )
+    paste = _trace(
+        _PasteOne(model.mask_head.mask_out_stride, model.mask_threshold).eval(),
+        (torch.rand(1, 1, 8, 12), torch.tensor([30, 45]), torch.tensor([60, 90])),
+        ["probs", "image_hw", "output_hw"],
+        ["mask"],
+        {"probs": {2: "hm", 3: "wm"}, "mask": {1: "H", 2: "W"}},
+    )
+    _append_paste_loop(main, paste)
+    entries = {METADATA_MARKER: FORMAT_VERSION, **metadata}
+    for key, value in entries.items():
+        main.metadata_props.add(key=key, value=value)
+    main.producer_name = "condinst_d2"
+    onnx.checker.check_model(main, full_check=True)
+    return main
+
+
+def config_metadata(cfg, class_names: Sequence[str]) -> Dict[str, str]:
+    """What the runtime needs from the config: test-time resizing, channel order, class names."""
+    return {
+        "input_format": cfg.INPUT.FORMAT,
+        "min_size_test": str(cfg.INPUT.MIN_SIZE_TEST),
+        "max_size_test": str(cfg.INPUT.MAX_SIZE_TEST),
+        "class_names": json.dumps(list(class_names)),
+    }
