@@ -15,21 +15,38 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["CHECKPOINT_FIELD", "checkpoint_class_names", "get_class_names", "inference_config"]
+from .checkpoint.efficientnet_lite0 import IMAGENET_URI
+
+__all__ = [
+    "CHECKPOINT_FIELD",
+    "checkpoint_class_names",
+    "get_class_names",
+    "inference_config",
+    "is_backbone_init",
+]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FIELD = "class_names"  # the checkpoint's top-level field that holds them
+# MODEL.WEIGHTS of the training configs: the ImageNet backbones that training starts from.
+_BACKBONE_INITS = ("detectron2://ImageNetPretrained/", IMAGENET_URI)
+
+
+def is_backbone_init(weights: str) -> bool:
+    """Whether MODEL.WEIGHTS `weights` is an ImageNet backbone (a training config's), not a
+    CondInst model. Such files hold no class names; the paper's configs' are downloads."""
+    return weights.startswith(_BACKBONE_INITS)
 
 
 def checkpoint_class_names(checkpoint: Any) -> Optional[List[str]]:
     """The class names recorded in a checkpoint: a loaded dict, or a path / URL to read.
 
-    Returns None for a checkpoint without them (the authors' files, ImageNet weights), an empty
-    path, or a file that cannot be read (loading it as weights reports why).
+    Returns None for a checkpoint without them (the authors' files), an empty path, an ImageNet
+    backbone (not read), or a file that cannot be read (loading it as weights reports why).
     """
     if isinstance(checkpoint, str):
-        checkpoint = _read_checkpoint(checkpoint) if checkpoint else None
+        usable = checkpoint and not is_backbone_init(checkpoint)
+        checkpoint = _read_checkpoint(checkpoint) if usable else None
     names = checkpoint.get(CHECKPOINT_FIELD) if isinstance(checkpoint, dict) else None
     return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
 

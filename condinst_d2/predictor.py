@@ -20,8 +20,8 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from .checkpoint import IMAGENET_URI, CondInstCheckpointer
-from .classes import get_class_names, inference_config
+from .checkpoint import CondInstCheckpointer
+from .classes import get_class_names, inference_config, is_backbone_init
 from .config import get_condinst_cfg
 from .data import read_image
 
@@ -30,9 +30,6 @@ __all__ = ["Prediction", "Predictor", "find_checkpoint"]
 logger = logging.getLogger(__name__)
 
 Image = Union[str, os.PathLike, np.ndarray]
-
-# MODEL.WEIGHTS of the training configs: backbone initialisations, not trained CondInst models.
-_BACKBONE_INITS = ("detectron2://ImageNetPretrained/", IMAGENET_URI)
 
 
 @dataclass
@@ -73,7 +70,7 @@ class Predictor(DefaultPredictor):
             ValueError: MODEL.WEIGHTS is a backbone initialisation (ImageNet), not a CondInst
                 model; or the config names other classes than the checkpoint.
         """
-        if cfg.MODEL.WEIGHTS.startswith(_BACKBONE_INITS):
+        if is_backbone_init(cfg.MODEL.WEIGHTS):
             raise ValueError(
                 f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} is the ImageNet backbone that training starts "
                 "from, not a trained CondInst model: set MODEL.WEIGHTS to a model file "

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 AP_KEYS = ("segm/AP", "bbox/AP", "segm/AP50", "bbox/AP50")
 Series = Dict[str, List[Tuple[int, float]]]
@@ -62,7 +63,8 @@ def plot(series: Series, title: str, output: str) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key in losses:
         iterations, values = zip(*series[key])
-        left.plot(iterations, values, label=key, linewidth=2.0 if key == "total_loss" else 1.2)
+        width = 2.0 if key == "total_loss" else 1.2
+        left.plot(iterations, values, marker=".", label=key, linewidth=width)
     left.set(title="training losses", xlabel="iteration", ylabel="loss")
     left.legend()
     for key in aps:
@@ -75,6 +77,8 @@ def plot(series: Series, title: str, output: str) -> None:
         right.text(0.5, 0.5, "no evaluation in this run", ha="center", transform=right.transAxes)
     for axis in (left, right):
         axis.grid(alpha=0.3)
+        axis.set_xlim(left=0)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(output, dpi=100)
