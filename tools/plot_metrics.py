@@ -60,7 +60,7 @@ def plot(series: Series, title: str, output: str) -> None:
     if not losses:
         raise ValueError(f"no losses in {title}: is it a training run's metrics.json?")
     aps = [k for k in AP_KEYS if k in series]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for key in losses:
         iterations, values = zip(*series[key])
         width = 2.0 if key == "total_loss" else 1.2
