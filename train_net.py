@@ -6,8 +6,21 @@
         --train-dataset data/train.json data/train --test-dataset data/val.json data/val
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
 
-On a machine without CUDA, --num-gpus N runs N CPU processes over gloo.
+On a machine without CUDA, --num-gpus N runs N CPU processes over gloo. OUTPUT_DIR gets
+config.yaml (with the class names), the checkpoints, log.txt, metrics.json, TensorBoard events and
+results.json (the final AP tables).
 """
+
+import warnings
+
+# Third-party deprecation warnings (detectron2's torch.jit.script, NumPy 2's __array__), filtered
+# as pytest.ini does; they are raised while importing, hence before the imports.
+# ruff: noqa: E402
+warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", "__array__ implementation doesn't accept", DeprecationWarning)
+
+import logging
+import os
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
@@ -15,11 +28,16 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from condinst_d2.checkpoint import CondInstCheckpointer
-from condinst_d2.engine import Trainer, build_cfg
+from condinst_d2.classes import inference_config
+from condinst_d2.engine import Trainer, build_cfg, save_results
+
+logger = logging.getLogger("condinst_d2.train_net")
 
 
 def main(args):
     cfg = build_cfg(args.config_file, args.opts, args.train_dataset, args.test_dataset)
+    if args.eval_only:  # the checkpoint's classes, checked against the test set's
+        cfg = inference_config(cfg)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="condinst_d2")
     if args.eval_only:
@@ -28,10 +46,16 @@ def main(args):
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)
-        return results
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    else:
+        logger.info("Curves: tensorboard --logdir %s (or tools/plot_metrics.py)", cfg.OUTPUT_DIR)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    if comm.is_main_process() and cfg.DATASETS.TEST:
+        path = os.path.join(cfg.OUTPUT_DIR, "results.json")
+        save_results(results, path)
+        logger.info("AP tables written to %s", path)
+    return results
 
 
 def argument_parser():

@@ -5,6 +5,7 @@ Importing the package registers `CondInst` (META_ARCH_REGISTRY), `FCOS`
 """
 
 from . import checkpoint  # noqa: F401  (registers the efficientnet-lite0:// weights path with PathManager)
+from .classes import get_class_names, inference_config
 from .config import add_condinst_config, get_condinst_cfg
 from .modeling import (
     FCOS,
@@ -15,12 +16,15 @@ from .modeling import (
     build_fcos_efficientnet_lite0_fpn_backbone,
     build_fcos_resnet_fpn_backbone,
 )
+from .predictor import Prediction, Predictor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "add_condinst_config",
+    "get_class_names",
     "get_condinst_cfg",
+    "inference_config",
     "build_fcos_efficientnet_lite0_fpn_backbone",
     "build_fcos_resnet_fpn_backbone",
     "CondInst",
@@ -28,4 +32,6 @@ __all__ = [
     "FCOS",
     "FCOSHead",
     "MaskBranch",
+    "Prediction",
+    "Predictor",
 ]

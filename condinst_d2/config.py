@@ -21,6 +21,8 @@ def _add_fcos_config(cfg: CN) -> None:
     cfg.MODEL.FCOS = CN()
     _C = cfg.MODEL.FCOS
     _C.NUM_CLASSES = 80  # foreground classes
+    # Their names, in class-index order; recorded by training (condinst_d2.classes). [] = unknown.
+    _C.CLASS_NAMES = []
     _C.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]  # backbone outputs the head runs on
     _C.FPN_STRIDES = [8, 16, 32, 64, 128]  # stride of each IN_FEATURES level
     _C.PRIOR_PROB = 0.01  # initial foreground probability of the classifier (bias init)

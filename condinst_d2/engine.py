@@ -2,6 +2,7 @@
 quick-start."""
 
 import contextlib
+import json
 import logging
 import os
 import weakref
@@ -20,10 +21,12 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 from .checkpoint import CondInstCheckpointer, make_saves_atomic
+from .classes import get_class_names
 from .config import get_condinst_cfg
 from .data import CondInstDatasetMapper, register_coco_dataset
+from .utils import atomic_write
 
-__all__ = ["Trainer", "build_cfg", "check_num_classes"]
+__all__ = ["Trainer", "build_cfg", "check_num_classes", "save_config", "save_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Trainer(DefaultTrainer):
         checkpointer = CondInstCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        checkpointer.class_names = self.cfg.MODEL.FCOS.CLASS_NAMES  # travel with every file
         self.checkpointer = make_saves_atomic(checkpointer)
         return super().build_hooks()
 
@@ -78,13 +82,20 @@ class Trainer(DefaultTrainer):
 
 
 def check_num_classes(cfg: CfgNode) -> None:
-    """Fails at start-up when MODEL.FCOS.NUM_CLASSES differs from a dataset's number of classes."""
+    """Fails at start-up when a dataset's classes differ from the model's: their number
+    (MODEL.FCOS.NUM_CLASSES) or, when the config names them, their names and order."""
+    configured = list(cfg.MODEL.FCOS.CLASS_NAMES)
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
         classes = MetadataCatalog.get(name).get("thing_classes")
         if classes is not None and len(classes) != cfg.MODEL.FCOS.NUM_CLASSES:
             raise ValueError(
                 f"MODEL.FCOS.NUM_CLASSES is {cfg.MODEL.FCOS.NUM_CLASSES} but dataset {name!r} has "
                 f"{len(classes)} classes; set it to {len(classes)} (--train-dataset does this)"
+            )
+        if classes is not None and configured and list(classes) != configured:
+            raise ValueError(
+                f"dataset {name!r} has the classes {list(classes)}, the model {configured} "
+                "(MODEL.FCOS.CLASS_NAMES): the same classes, in the same order, are needed"
             )
 
 
@@ -142,15 +153,21 @@ def build_cfg(
         config_file: a CondInst YAML config.
         opts: config overrides, KEY VALUE ...
         train_dataset, test_dataset: (COCO JSON, image folder) to register and use; they set
-            MODEL.FCOS.NUM_CLASSES (and the class names) from the JSON. A training set given
-            without a test set clears DATASETS.TEST (no evaluation).
+            MODEL.FCOS.NUM_CLASSES and MODEL.FCOS.CLASS_NAMES from the JSON (the training set's
+            when both are given). A training set given without a test set clears DATASETS.TEST
+            (no evaluation). Without either, the class names come from the config's datasets
+            when they are registered with names (`get_class_names`).
     """
     cfg = get_condinst_cfg(config_file, opts)
-    for prefix, dataset, key in (("train", train_dataset, "TRAIN"), ("test", test_dataset, "TEST")):
+    # The training set defines the model's classes; a test set alone (eval-only) does.
+    for prefix, dataset, key in (("test", test_dataset, "TEST"), ("train", train_dataset, "TRAIN")):
         if dataset:
             name, num_classes = register_coco_dataset(prefix, *dataset)
             cfg.DATASETS[key] = (name,)
             cfg.MODEL.FCOS.NUM_CLASSES = num_classes
+            cfg.MODEL.FCOS.CLASS_NAMES = list(MetadataCatalog.get(name).thing_classes)
+    if not cfg.MODEL.FCOS.CLASS_NAMES:  # e.g. the builtin COCO datasets of the paper's configs
+        cfg.MODEL.FCOS.CLASS_NAMES = get_class_names(cfg, read_checkpoint=False) or []
     if train_dataset and not test_dataset and cfg.DATASETS.TEST:
         # The config's test sets belong to other classes than the given training set.
         logger.info(
@@ -159,3 +176,22 @@ def build_cfg(
         cfg.DATASETS.TEST = ()
     cfg.freeze()
     return cfg
+
+
+def save_config(cfg: CfgNode) -> str:
+    """Writes `cfg` to OUTPUT_DIR/config.yaml (as Detectron2's `default_setup` does); returns it.
+
+    The file describes the trained model: `get_condinst_cfg` reads it back, class names included.
+    """
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    path = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    with atomic_write(path) as f:
+        f.write(cfg.dump())
+    return path
+
+
+def save_results(results: Optional[dict], path: str) -> None:
+    """Writes the evaluation results (task -> metric -> value, e.g. results["segm"]["AP"]) to
+    `path` as JSON; `{}` when there are none (no test set, or no detections)."""
+    with atomic_write(path) as f:
+        json.dump(results or {}, f, indent=1)

@@ -10,6 +10,14 @@ Without --output the results are shown in a window (Esc quits). The exit status 
 input could not be processed (the others still are) or an argument is invalid.
 """
 
+import warnings
+
+# Third-party deprecation warnings (detectron2's torch.jit.script, NumPy 2's __array__), filtered
+# as pytest.ini does; they are raised while importing, hence before the imports.
+# ruff: noqa: E402
+warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+warnings.filterwarnings("ignore", "__array__ implementation doesn't accept", DeprecationWarning)
+
 import argparse
 import glob
 import logging
@@ -23,7 +31,6 @@ import cv2
 import numpy as np
 import tqdm
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
@@ -36,7 +43,14 @@ from condinst_d2.data import read_image
 from onnx_predictor import OnnxPredictor
 from predictions_json import instances_to_record, write_json
 from predictor import BatchPredictor
-from video_io import VIDEO_SUFFIXES, AtomicVideoWriter, capture_fps, frame_batches, open_capture
+from video_io import (
+    VIDEO_SUFFIXES,
+    AtomicVideoWriter,
+    browser_video_suffix,
+    capture_fps,
+    frame_batches,
+    open_capture,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW = "CondInst"
@@ -227,7 +241,7 @@ def video_destination(output: str, source_name: str) -> str:
         ensure_writable_folder(os.path.dirname(output) or ".")
         return output
     ensure_writable_folder(output)
-    return os.path.join(output, source_name + ".mp4")
+    return os.path.join(output, source_name + browser_video_suffix())
 
 
 def class_names(metadata: Metadata) -> Optional[List[str]]:
@@ -372,17 +386,22 @@ def stream_name(args: argparse.Namespace) -> str:
 
 
 def build_predictor(args: argparse.Namespace) -> Tuple[BatchPredictor, Metadata]:
-    """(BatchPredictor, metadata of DATASETS.TEST[0] or "__unused") from the arguments."""
+    """(BatchPredictor, metadata with the model's class names) from the arguments."""
     if args.onnx:
         return build_onnx_predictor(args)
     cfg = setup_cfg(args)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     try:
-        return BatchPredictor(cfg, args.confidence_threshold), metadata
+        predictor = BatchPredictor(cfg, args.confidence_threshold)
     except (OSError, AssertionError, KeyError, ValueError) as e:
         raise DemoError(
             f"cannot build the model or load MODEL.WEIGHTS {cfg.MODEL.WEIGHTS}: {e}"
         ) from e
+    if predictor.class_names is None:
+        logger.warning(
+            "the model's class names are unknown: classes are drawn as numbers "
+            "(set MODEL.FCOS.CLASS_NAMES, or use the config.yaml of the model's training run)"
+        )
+    return predictor, predictor.metadata
 
 
 def build_onnx_predictor(args: argparse.Namespace) -> Tuple[OnnxPredictor, Metadata]:
@@ -409,6 +428,25 @@ def output_paths(
     if args.video_input:
         check_not_inputs([video_path], [args.video_input])
     return None, video_path
+
+
+def missing_folders(paths: List[Optional[str]]) -> List[str]:
+    """The paths, and their parents, that do not exist yet (deepest first): folders the run may
+    create."""
+    missing = []
+    for path in filter(None, paths):
+        path = os.path.abspath(path)
+        while not os.path.exists(path) and path not in missing:
+            missing.append(path)
+            path = os.path.dirname(path)
+    return sorted(missing, key=len, reverse=True)
+
+
+def remove_empty(folders: List[str]) -> None:
+    """Removes those of `folders` that are empty folders, deepest first."""
+    for folder in folders:
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -445,11 +483,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="detectron2")
     setup_logger(name="condinst_d2")
     setup_logger(name="demo", abbrev_name="demo")
+    created = missing_folders([args.output, args.json])
     try:
         return run(args)
     except (DemoError, OSError) as e:
         logger.error("%s", e)
         return 1
+    finally:
+        remove_empty(created)  # no empty output folder is left behind by a failed run
 
 
 if __name__ == "__main__":

@@ -1,20 +1,18 @@
-"""A batched predictor for the demo: Detectron2's test-time preprocessing, then one model call.
+"""The demo's predictor: `condinst_d2.Predictor` on lists of BGR images (video batches).
 
-`DefaultPredictor` takes one image per call; videos with `--batch-size` need several, so this
-predictor builds the model itself, applies the same resizing (INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST)
-and channel order (INPUT.FORMAT), and hands the model a list of images that may differ in size.
+`condinst_d2.Predictor` does the work (weights through CondInstCheckpointer, the model's class
+names, Detectron2's test-time resizing and channel order); this keeps the demo's interface: a list
+of images in, a list of `Instances` out, detections below the threshold dropped.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
-import torch
 from detectron2.config import CfgNode
-from detectron2.data import transforms as T
-from detectron2.modeling import build_model
+from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
-from condinst_d2.checkpoint import CondInstCheckpointer
+from condinst_d2 import Predictor
 
 __all__ = ["BatchPredictor"]
 
@@ -28,29 +26,18 @@ class BatchPredictor:
             cfg: a CondInst config; MODEL.WEIGHTS is loaded when set (random weights otherwise).
             score_threshold: detections scoring below it are dropped from the outputs.
         """
-        self.model = build_model(cfg).eval()
-        if cfg.MODEL.WEIGHTS:
-            CondInstCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        min_size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
-        # Detectron2's convention: MIN_SIZE_TEST 0 disables test-time resizing.
-        self.resize = T.ResizeShortestEdge([min_size, min_size], max_size) if min_size > 0 else None
-        if cfg.INPUT.FORMAT not in ("BGR", "RGB"):
-            raise ValueError(f"INPUT.FORMAT must be BGR or RGB, got {cfg.INPUT.FORMAT!r}")
-        self.input_format = cfg.INPUT.FORMAT
-        self.score_threshold = score_threshold
+        self.predictor = Predictor(cfg, score_threshold)
 
-    def model_input(self, bgr_image: np.ndarray) -> dict:
-        """One (H, W, 3) uint8 BGR image -> the model's input dict, output size (H, W)."""
-        image = bgr_image[:, :, ::-1] if self.input_format == "RGB" else bgr_image
-        height, width = image.shape[:2]
-        if self.resize is not None:
-            image = self.resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(
-            np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32
-        )
-        return {"image": tensor, "height": height, "width": width}
+    @property
+    def metadata(self) -> Metadata:
+        """Metadata with the model's class names (`thing_classes`), for the visualizers."""
+        return self.predictor.metadata
 
-    @torch.no_grad()
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The model's class names in class-index order, None when unknown."""
+        return self.predictor.class_names
+
     def __call__(self, bgr_images: Sequence[np.ndarray]) -> List[Instances]:
         """Predicts on (H, W, 3) uint8 BGR images of any sizes.
 
@@ -58,9 +45,4 @@ class BatchPredictor:
             One Instances per image, on the CPU, at the image's size: pred_boxes, scores,
             pred_classes and pred_masks (D, H, W) bool.
         """
-        outputs = self.model([self.model_input(image) for image in bgr_images])
-        results = []
-        for output in outputs:
-            instances = output["instances"].to("cpu")
-            results.append(instances[instances.scores >= self.score_threshold])
-        return results
+        return [p.instances for p in self.predictor.predict_batch(bgr_images)]

@@ -1,8 +1,8 @@
 """Video reading and writing for the demo, with OpenCV.
 
 Writing picks, for the output's container, the first codec that this OpenCV build can really
-encode (probed by writing two frames and reading them back), falls back to Motion-JPEG in .avi
-with a warning, and writes to a hidden partial file that is renamed only once at least one frame
+encode (probed by writing two frames and reading them back), falls back to VP8 in .webm (else
+Motion-JPEG in .avi) with a warning, logs the codec and whether web browsers play it, and writes to a hidden partial file that is renamed only once at least one frame
 is in it: an interrupted or failed run never leaves an empty or half-written video.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "VIDEO_SUFFIXES",
+    "browser_video_suffix",
     "AtomicVideoWriter",
     "capture_fps",
     "choose_codec",
@@ -28,17 +29,28 @@ __all__ = [
 
 logger = logging.getLogger("demo")
 
-# Codecs tried per container, the most widely playable first (H.264 needs an FFmpeg encoder).
+# Codecs tried per container, the most widely playable first (H.264 needs an FFmpeg encoder that
+# OpenCV's wheels lack). VP8 before VP9: every browser plays both, and VP8 encodes about 4x faster.
 CODECS = {
     ".mp4": ("avc1", "mp4v"),
     ".m4v": ("avc1", "mp4v"),
     ".mov": ("avc1", "mp4v"),
     ".mkv": ("avc1", "mp4v", "MJPG"),
     ".avi": ("MJPG", "XVID"),
-    ".webm": ("VP90", "VP80"),
+    ".webm": ("VP80", "VP90"),
 }
 VIDEO_SUFFIXES = tuple(CODECS)
-FALLBACK = (".avi", "MJPG")
+FALLBACKS = ((".webm", "VP80"), (".avi", "MJPG"))
+CODEC_NAMES = {
+    "avc1": "H.264",
+    "mp4v": "MPEG-4 Part 2",
+    "MJPG": "Motion-JPEG",
+    "XVID": "MPEG-4 Part 2 (Xvid)",
+    "VP80": "VP8",
+    "VP90": "VP9",
+}
+# (container, codec) pairs that web browsers play.
+BROWSER_PLAYABLE = {(".mp4", "avc1"), (".m4v", "avc1"), (".webm", "VP80"), (".webm", "VP90")}
 DEFAULT_FPS = 30.0
 
 
@@ -87,7 +99,8 @@ def codec_works(fourcc: str, suffix: str, size: Tuple[int, int]) -> bool:
 
 
 def choose_codec(path: str, size: Tuple[int, int]) -> Tuple[str, str]:
-    """(path, fourcc) to write a video of `size` (w, h): `path` itself, or a .avi fallback.
+    """(path, fourcc) to write a video of `size` (w, h): `path` itself, or a fallback (.webm, else
+    .avi) with the same stem.
 
     Raises:
         OSError: when this OpenCV can write no video at all.
@@ -96,13 +109,35 @@ def choose_codec(path: str, size: Tuple[int, int]) -> Tuple[str, str]:
     for fourcc in CODECS.get(suffix.lower(), ()):
         if codec_works(fourcc, suffix, size):
             return path, fourcc
-    suffix, fourcc = FALLBACK
-    if codec_works(fourcc, suffix, size):
-        logger.warning(
-            "this OpenCV cannot write %s: writing %s with %s instead", path, stem + suffix, fourcc
-        )
-        return stem + suffix, fourcc
+    for suffix, fourcc in FALLBACKS:
+        if codec_works(fourcc, suffix, size):
+            logger.warning(
+                "this OpenCV cannot write %s: writing %s with %s instead",
+                path,
+                stem + suffix,
+                CODEC_NAMES[fourcc],
+            )
+            return stem + suffix, fourcc
     raise OSError(f"this OpenCV build can write no video codec (tried for {path})")
+
+
+def browser_video_suffix() -> str:
+    """The container of the videos written into a folder: .mp4 (H.264) when this OpenCV encodes
+    H.264, else .webm (VP8); web browsers play both."""
+    return ".mp4" if codec_works("avc1", ".mp4", (64, 48)) else ".webm"
+
+
+def plays_in_browsers(path: str, fourcc: str) -> bool:
+    """Whether web browsers play a `fourcc` video in `path`'s container."""
+    return (os.path.splitext(path)[1].lower(), fourcc) in BROWSER_PLAYABLE
+
+
+def describe_codec(path: str, fourcc: str) -> str:
+    """The codec `fourcc` in `path`'s container, and whether web browsers play it."""
+    name = CODEC_NAMES.get(fourcc, fourcc)
+    if plays_in_browsers(path, fourcc):
+        return f"{name}, plays in web browsers"
+    return f"{name}, which web browsers do not play (a {browser_video_suffix()} output plays)"
 
 
 class AtomicVideoWriter:
@@ -125,13 +160,20 @@ class AtomicVideoWriter:
         folder, name = os.path.split(self.path)
         stem, suffix = os.path.splitext(name)
         self._partial = os.path.join(folder, f".{stem}.partial{suffix}")
-        writer = cv2.VideoWriter(self._partial, cv2.VideoWriter_fourcc(*fourcc), self.fps, size)
+        with _quiet_opencv():  # FFmpeg reports OpenCV's fourcc tags for WebM as unsupported
+            writer = cv2.VideoWriter(self._partial, cv2.VideoWriter_fourcc(*fourcc), self.fps, size)
         if not writer.isOpened():
             self._remove_partial()
             raise OSError(f"cannot write the video {self.path}")
         self._writer, self._size = writer, size
-        logger.info(
-            "writing %s (%s, %dx%d, %.4g fps)", self.path, fourcc, size[0], size[1], self.fps
+        log = logger.info if plays_in_browsers(self.path, fourcc) else logger.warning
+        log(
+            "writing %s (%s; %dx%d, %.4g fps)",
+            self.path,
+            describe_codec(self.path, fourcc),
+            size[0],
+            size[1],
+            self.fps,
         )
 
     def write(self, frame: np.ndarray) -> bool:

@@ -25,7 +25,12 @@ import demo  # noqa: E402  (demo/demo.py; its own imports need demo/ on sys.path
 
 from predictions_json import decode_masks  # noqa: E402
 from predictor import BatchPredictor  # noqa: E402
-from video_io import AtomicVideoWriter, choose_codec  # noqa: E402
+from video_io import (  # noqa: E402
+    AtomicVideoWriter,
+    browser_video_suffix,
+    choose_codec,
+    plays_in_browsers,
+)
 
 VTEST = SHARED / "media" / "vtest.avi"
 THRESHOLD = 0.3
@@ -138,6 +143,9 @@ def test_video_plays_with_input_size_and_rate(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "frame/s" in result.stderr, "the progress bar should show frames per second"
+    assert "MPEG-4 Part 2, which web browsers do not play" in result.stderr or (
+        "H.264, plays in web browsers" in result.stderr
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.json", "vtest_out.mp4"]
 
     source, written = cv2.VideoCapture(str(VTEST)), cv2.VideoCapture(str(out))
@@ -245,7 +253,7 @@ def test_confidence_threshold_keeps_every_candidate():
 
 def test_codec_fallback_and_no_empty_video(tmp_path):
     path, fourcc = choose_codec(str(tmp_path / "clip.flv"), (64, 48))
-    assert (path, fourcc) == (str(tmp_path / "clip.avi"), "MJPG")
+    assert (path, fourcc) == (str(tmp_path / "clip.webm"), "VP80")  # browsers play it
 
     writer = AtomicVideoWriter(str(tmp_path / "empty.mp4"), 10.0)
     assert writer.close() is None
@@ -259,3 +267,10 @@ def test_codec_fallback_and_no_empty_video(tmp_path):
     assert writer.close() == str(tmp_path / "two.mp4")
     assert [p.name for p in tmp_path.iterdir()] == ["two.mp4"]
     assert cv2.VideoCapture(str(tmp_path / "two.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 2
+
+
+def test_videos_written_into_a_folder_play_in_browsers(tmp_path):
+    path = demo.video_destination(str(tmp_path), "clip")
+    assert path == str(tmp_path / ("clip" + browser_video_suffix()))
+    chosen, fourcc = choose_codec(path, (64, 48))
+    assert chosen == path and plays_in_browsers(chosen, fourcc), fourcc

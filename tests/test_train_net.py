@@ -86,8 +86,16 @@ def test_two_cpu_processes_train_with_ddp_and_evaluate(shapes, tmp_path):
     )
     assert re.search(r"Total inference time: .* on 2 devices", log)
     assert "Evaluation results for segm" in log and "Evaluation results for bbox" in log
-    # The class names come from the JSON.
+    # The class names come from the JSON, and travel with the run; the AP tables are kept.
     assert "circle" in log and "triangle" in log
+    assert "- triangle" in (tmp_path / "config.yaml").read_text()
+    assert (
+        torch.load(tmp_path / "model_final.pth", weights_only=False)["class_names"][2] == "triangle"
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"bbox", "segm"} and np.isfinite(results["segm"]["AP"])
+    # Dataset names from the JSON's stem: results under a short path.
+    assert (tmp_path / "inference" / "test_test" / "coco_instances_results.json").is_file()
 
 
 def _one_iteration_cfg(shapes, output_dir):
@@ -248,46 +256,11 @@ def test_eval_only_on_real_coco_images_with_random_r50(tmp_path):
         assert re.search(
             rf"copypaste: Task: {task}\n.*\n.*copypaste: (\d+\.\d+,){{5}}\d+\.\d+", log
         )
-    assert (tmp_path / "inference" / "coco_instances_results.json").is_file() or any(
-        tmp_path.rglob("coco_instances_results.json")
+    results = (
+        tmp_path / "inference" / "test_instances_val2017_subset" / "coco_instances_results.json"
     )
-
-
-def test_quickstart_runs_end_to_end(tmp_path):
-    args = [
-        "--output",
-        tmp_path,
-        "--num-train",
-        8,
-        "--num-test",
-        4,
-        "--num-drawn",
-        2,
-        "SOLVER.MAX_ITER",
-        4,
-        "SOLVER.IMS_PER_BATCH",
-        2,
-        "INPUT.MIN_SIZE_TRAIN",
-        "(128,)",
-        "INPUT.MIN_SIZE_TEST",
-        128,
-        "MODEL.FCOS.INFERENCE_TH_TEST",
-        0.0,
-    ]  # 4 iterations: keep every candidate to get AP tables
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "quickstart.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"bbox", "segm"} and "AP" in results["segm"]
-    assert (tmp_path / "model" / "model_final.pth").is_file()
-    drawn = sorted(tmp_path.glob("prediction_*.png"))
-    assert len(drawn) == 2 and all(p.stat().st_size > 1000 for p in drawn)
-    assert "Quick start done: held-out segm AP" in result.stdout
+    assert results.is_file()
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"bbox", "segm"}
 
 
 def test_bitmask_ground_truth_trains_like_polygons(shapes):

@@ -14,12 +14,13 @@ mismatches (fine-tuning with another number of classes) keep Detectron2's warnin
 import errno
 import logging
 import os
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Sequence
 from urllib.parse import urlparse
 
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
+from ..classes import CHECKPOINT_FIELD
 from .formats import detect_format, unwrap_state_dict
 from .rename import check_derived, convert_state_dict
 
@@ -48,7 +49,13 @@ class CondInstCheckpointer(DetectionCheckpointer):
             weights share no parameter with the model.
         RuntimeError: a foreign file whose buffers disagree with the model's config (e.g. the
             authors' `sizes_of_interest`).
+
+    Attributes:
+        class_names: the model's class names, recorded in every file that `save` writes (as the
+            field `condinst_d2.classes.CHECKPOINT_FIELD`); empty: none recorded.
     """
+
+    class_names: Sequence[str] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,3 +122,9 @@ class CondInstCheckpointer(DetectionCheckpointer):
             f"{len(file_keys)} keys {_preview(file_keys)} matches one of the model's "
             f"{len(params)} parameters {_preview(params)}"
         )
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Saves like Detectron2, with the model's `class_names` in the file when they are set."""
+        if self.class_names:
+            kwargs.setdefault(CHECKPOINT_FIELD, list(self.class_names))
+        super().save(name, **kwargs)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from typing import Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -41,7 +42,10 @@ def _read_coco_categories(json_file: str) -> list:
 
 
 def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple[str, int]:
-    """Registers `json_file` + `image_root` (once per process) under a name starting with `prefix`.
+    """Registers `json_file` + `image_root` (once per process) as a dataset named
+    "<prefix>_<JSON file stem>" (e.g. "test_val" for a/val.json), which a shell and a file system
+    take as it is: results go to OUTPUT_DIR/inference/<name>/. Another file with the same stem
+    gets "_2", "_3", ...
 
     Returns:
         (dataset name, number of categories). The class names come from the JSON's categories.
@@ -50,7 +54,7 @@ def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple
         raise FileNotFoundError(f"dataset image folder {image_root!r} does not exist")
     categories = _read_coco_categories(json_file)
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
-    name = f"{prefix}:{json_file}"
+    name = _dataset_name(prefix, json_file)
     if name not in DatasetCatalog.list():
         register_coco_instances(name, {}, json_file, image_root)
         MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
@@ -59,3 +63,14 @@ def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple
             f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}"
         )
     return name, len(categories)
+
+
+def _dataset_name(prefix: str, json_file: str) -> str:
+    """The name of `json_file` (an absolute path): the one it is registered under, else a free
+    "<prefix>_<stem>" with only letters, digits, '.', '_' and '-'."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(json_file))[0])
+    name, count = f"{prefix}_{stem}", 1
+    while name in DatasetCatalog.list() and MetadataCatalog.get(name).get("json_file") != json_file:
+        count += 1
+        name = f"{prefix}_{stem}_{count}"
+    return name
