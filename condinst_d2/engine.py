@@ -2,12 +2,14 @@
 quick-start."""
 
 import contextlib
+import errno
 import logging
 import os
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import yaml
 from detectron2.config import CfgNode
 from detectron2.data import (
     MetadataCatalog,
@@ -23,7 +25,7 @@ from .checkpoint import CondInstCheckpointer, make_saves_atomic
 from .config import get_condinst_cfg
 from .data import CondInstDatasetMapper, register_coco_dataset
 
-__all__ = ["Trainer", "build_cfg", "check_num_classes"]
+__all__ = ["Trainer", "build_cfg", "check_num_classes", "check_solver", "user_error_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode):
         check_num_classes(cfg)
+        check_solver(cfg)
         with _ddp_accepts_cpu_models():
             super().__init__(cfg)
 
@@ -88,6 +91,34 @@ def check_num_classes(cfg: CfgNode) -> None:
             )
 
 
+def check_solver(cfg: CfgNode) -> None:
+    """Fails at start-up on solver values that Detectron2 would only trip over during training."""
+    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
+        if cfg.SOLVER[key] < 1:
+            raise ValueError(
+                f"SOLVER.{key} is {cfg.SOLVER[key]}; it must be >= 1"
+                + (
+                    " (to save only the final model, make it larger than SOLVER.MAX_ITER)"
+                    if key == "CHECKPOINT_PERIOD"
+                    else ""
+                )
+            )
+    if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+            f"{comm.get_world_size()} processes; make it a multiple of --num-gpus"
+        )
+
+
+def _bitmasks_for_rle(cfg: CfgNode) -> None:
+    """Switches INPUT.MASK_FORMAT to bitmask when a training set has RLE masks (polygon, the
+    default, fails on them late in the data loader)."""
+    rle = [n for n in cfg.DATASETS.TRAIN if MetadataCatalog.get(n).get("rle_masks", False)]
+    if rle and cfg.INPUT.MASK_FORMAT == "polygon":
+        logger.warning("%s has RLE masks: INPUT.MASK_FORMAT polygon -> bitmask", rle[0])
+        cfg.INPUT.MASK_FORMAT = "bitmask"
+
+
 @contextlib.contextmanager
 def _ddp_accepts_cpu_models() -> Iterator[None]:
     """For the duration of the block, lets DefaultTrainer wrap a CPU model in DDP (gloo).
@@ -130,6 +161,41 @@ def _flush_denormal(enabled: bool) -> Iterator[None]:
         torch.set_flush_denormal(was_enabled)
 
 
+def _read_config(config_file: str, opts: Sequence[str]) -> CfgNode:
+    """`get_condinst_cfg`, with every mistake in the file or the overrides as a ValueError (or
+    FileNotFoundError) that names the file or key."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(errno.ENOENT, "config file not found", config_file)
+    where = f"config {config_file!r}" + (f" with overrides {list(opts)}" if opts else "")
+    try:
+        return get_condinst_cfg(config_file, opts)
+    except FileNotFoundError:
+        raise
+    except (AttributeError, TypeError) as e:  # yacs on a YAML that is not a mapping
+        raise ValueError(f"{where}: not a YAML mapping of config keys ({e})") from e
+    except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) else e).split())
+        if len(message) > 300:
+            message = message[:300] + " ..."
+        raise ValueError(
+            f"{where}: {message} (keys and types: configs/CondInst/, condinst_d2/config.py)"
+        ) from e
+
+
+def user_error_message(error: BaseException) -> Optional[str]:
+    """The one line that reports `error` if it is a user's foreseeable mistake, else None.
+
+    Those are the OSError, ValueError and FloatingPointError (non-finite loss) that condinst_d2
+    and Detectron2 raise for bad inputs, configs and files; their messages name the input.
+    """
+    if not isinstance(error, (OSError, ValueError, FloatingPointError)):
+        return None
+    message = " ".join(str(error).split())
+    if isinstance(error, FloatingPointError):
+        message += " (lower SOLVER.BASE_LR, or check the data of the last batches)"
+    return f"error: {message}"
+
+
 def build_cfg(
     config_file: str,
     opts: Sequence[str] = (),
@@ -143,9 +209,10 @@ def build_cfg(
         opts: config overrides, KEY VALUE ...
         train_dataset, test_dataset: (COCO JSON, image folder) to register and use; they set
             MODEL.FCOS.NUM_CLASSES (and the class names) from the JSON. A training set given
-            without a test set clears DATASETS.TEST (no evaluation).
+            without a test set clears DATASETS.TEST (no evaluation). A training set with RLE
+            masks sets INPUT.MASK_FORMAT to bitmask.
     """
-    cfg = get_condinst_cfg(config_file, opts)
+    cfg = _read_config(config_file, opts)
     for prefix, dataset, key in (("train", train_dataset, "TRAIN"), ("test", test_dataset, "TEST")):
         if dataset:
             name, num_classes = register_coco_dataset(prefix, *dataset)
@@ -157,5 +224,6 @@ def build_cfg(
             "No test dataset given with the training dataset: %s not evaluated", cfg.DATASETS.TEST
         )
         cfg.DATASETS.TEST = ()
+    _bitmasks_for_rle(cfg)
     cfg.freeze()
     return cfg

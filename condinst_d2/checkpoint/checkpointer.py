@@ -7,8 +7,12 @@ so they work as MODEL.WEIGHTS as they are.
 `DetectionCheckpointer.load` reports a truncated or corrupt file with torch's message, which does
 not name the file, and loads a checkpoint of an unrelated model (no key in common) with warnings
 only, leaving every weight at its random initialization. `CondInstCheckpointer` turns both into a
-`ValueError` naming the file. Partial overlaps (ImageNet backbone weights into a detector) and shape
-mismatches (fine-tuning with another number of classes) keep Detectron2's warnings.
+`ValueError` naming the file. So are a file whose "model" is not a dict of arrays, a file that
+would leave most of the model's parameters (`_MAX_NOT_LOADED`) at their random initialization (an
+R-50 detector into an R-18 config), and, on resume, a last checkpoint with other shapes than the
+model (a folder trained with another config). Partial overlaps (ImageNet backbone weights into a
+detector) and a few shape mismatches (fine-tuning with another number of classes) keep
+Detectron2's warnings. `resume_or_load` first removes the temporary files of killed saves.
 """
 
 import errno
@@ -17,9 +21,12 @@ import os
 from typing import Any, Dict, Iterable, List
 from urllib.parse import urlparse
 
+import numpy as np
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 
+from ..utils import remove_stale_temporaries
 from .formats import detect_format
 from .rename import check_derived, convert_state_dict
 
@@ -28,6 +35,11 @@ __all__ = ["CondInstCheckpointer"]
 logger = logging.getLogger(__name__)
 
 _SHOWN_KEYS = 5
+# A file that leaves more than this fraction of the model's parameters (counted in elements)
+# missing or skipped for a shape mismatch belongs to another model (e.g. an R-50 detector loaded
+# into an R-18 config). An ImageNet backbone leaves at most 31 % (R-50 CondInst); fine-tuning with
+# a new classifier, a fraction of a per cent.
+_MAX_NOT_LOADED = 0.5
 
 
 def _preview(keys: Iterable[str]) -> str:
@@ -44,8 +56,9 @@ class CondInstCheckpointer(DetectionCheckpointer):
 
     Raises (from `load` / `resume_or_load`):
         FileNotFoundError: a local checkpoint path that does not exist.
-        ValueError: a file that cannot be read (truncated, corrupt, not a checkpoint), or whose
-            weights share no parameter with the model.
+        ValueError: a file that cannot be read (truncated, corrupt, not a checkpoint), whose
+            weights share no or too few parameters with the model, or, resuming, whose shapes
+            differ from the model's.
         RuntimeError: a foreign file whose buffers disagree with the model's config (e.g. the
             authors' `sizes_of_interest`).
     """
@@ -53,6 +66,19 @@ class CondInstCheckpointer(DetectionCheckpointer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loading_file = ""
+        self._resuming = False
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """Like Detectron2, after removing the temporary files of saves killed midway; resuming
+        refuses a last checkpoint whose shapes differ from the model's (another config)."""
+        if self.save_dir and self.save_to_disk and "://" not in self.save_dir:
+            for stale in remove_stale_temporaries(self.save_dir):
+                logger.info("Removed %s, left by a save that was killed", stale)
+        self._resuming = resume and self.has_checkpoint()
+        try:
+            return super().resume_or_load(path, resume=resume)
+        finally:
+            self._resuming = False
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """Loads `path` like `DetectionCheckpointer.load`; an empty path loads nothing."""
@@ -75,12 +101,37 @@ class CondInstCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint: Any) -> _IncompatibleKeys:
         """Converts a foreign layout, then loads the weights like Detectron2; raises ValueError if
         none belongs to the model."""
-        file_keys = list(checkpoint.get("model", {}).keys()) if isinstance(checkpoint, dict) else []
+        self._check_is_state_dict(checkpoint)
+        file_keys = list(checkpoint["model"].keys())
         if file_keys:
             checkpoint["model"] = self._convert_foreign(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
         self._check_some_weights_loaded(incompatible, file_keys)
+        self._check_most_weights_loaded(incompatible)
+        if self._resuming and incompatible.incorrect_shapes:
+            key, file_shape, model_shape = incompatible.incorrect_shapes[0]
+            raise ValueError(
+                f"cannot resume from {self._loading_file!r}: it was trained with another config "
+                f"({len(incompatible.incorrect_shapes)} tensors of other shapes, e.g. {key!r} "
+                f"{tuple(file_shape)} in the file, {tuple(model_shape)} in the model, such as "
+                "another number of classes); use another OUTPUT_DIR, or train without --resume"
+            )
         return incompatible
+
+    def _check_is_state_dict(self, checkpoint: Any) -> None:
+        """Raises ValueError naming the file unless its "model" maps names to arrays."""
+        state = checkpoint.get("model") if isinstance(checkpoint, dict) else checkpoint
+        bad = (
+            [k for k, v in state.items() if not (torch.is_tensor(v) or isinstance(v, np.ndarray))]
+            if isinstance(state, dict)
+            else None
+        )
+        if bad is None or bad:
+            what = type(state).__name__ if bad is None else f"entries such as {bad[0]!r}"
+            raise ValueError(
+                f"{self._loading_file!r} is not a checkpoint of weights (its model has {what}, "
+                "not tensors); give a .pth saved by training or a converted checkpoint"
+            )
 
     def _convert_foreign(self, state_dict: Dict[str, Any]) -> Dict[str, Any]:
         """`state_dict` in condinst_d2's layout: converted if its keys match a foreign format."""
@@ -112,4 +163,21 @@ class CondInstCheckpointer(DetectionCheckpointer):
             f"file {self._loading_file!r} holds no weights of this model: none of its "
             f"{len(file_keys)} keys {_preview(file_keys)} matches one of the model's "
             f"{len(params)} parameters {_preview(params)}"
+        )
+
+    def _check_most_weights_loaded(self, incompatible: _IncompatibleKeys) -> None:
+        """Raises ValueError if more than `_MAX_NOT_LOADED` of the model's parameter elements
+        are missing from the file or skipped for a shape mismatch."""
+        params = dict(self.model.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        not_loaded = [k for k in set(incompatible.missing_keys) if k in params]
+        fraction = sum(params[k].numel() for k in not_loaded) / max(total, 1)
+        if fraction <= _MAX_NOT_LOADED:
+            return
+        skipped = len(incompatible.incorrect_shapes)
+        raise ValueError(
+            f"file {self._loading_file!r} is not of this model: {fraction:.0%} of its parameters "
+            f"would keep their random initialization ({len(not_loaded)} tensors, {skipped} of "
+            f"them of another shape, e.g. {_preview(not_loaded)}); check MODEL.WEIGHTS against "
+            "the config (backbone depth, FPN/head widths)"
         )
