@@ -35,10 +35,12 @@ __all__ = ["CondInstCheckpointer"]
 logger = logging.getLogger(__name__)
 
 _SHOWN_KEYS = 5
-# A file that leaves more than this fraction of the model's parameters (counted in elements)
-# missing or skipped for a shape mismatch belongs to another model (e.g. an R-50 detector loaded
-# into an R-18 config). An ImageNet backbone leaves at most 31 % (R-50 CondInst); fine-tuning with
-# a new classifier, a fraction of a per cent.
+# A file belongs to another model when it leaves more than this fraction of the model's parameter
+# elements random (missing, or skipped for another shape), or when more than this fraction of the
+# parameter tensors it names have another shape. An ImageNet backbone leaves 31 % of R-50 CondInst
+# random and names nothing of another shape; fine-tuning with another number of classes skips 2
+# of about 140 tensors. A Detectron2 Mask R-CNN R-50 in an R-18 config leaves 47 % random (R-50's
+# 3x3 convs happen to have R-18's shapes) but 23 of the 32 tensors it names have other shapes.
 _MAX_NOT_LOADED = 0.5
 
 
@@ -86,7 +88,10 @@ class CondInstCheckpointer(DetectionCheckpointer):
             local = urlparse(path)._replace(query="").geturl()
             if not os.path.isfile(local):
                 raise FileNotFoundError(errno.ENOENT, "checkpoint not found", local)
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:  # Detectron2 resets it only after a successful load; a refusal must too
+            self._parsed_url_during_load = None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         """Reads `filename` like Detectron2, wrapping any read failure in a ValueError naming it."""
@@ -166,18 +171,25 @@ class CondInstCheckpointer(DetectionCheckpointer):
         )
 
     def _check_most_weights_loaded(self, incompatible: _IncompatibleKeys) -> None:
-        """Raises ValueError if more than `_MAX_NOT_LOADED` of the model's parameter elements
-        are missing from the file or skipped for a shape mismatch."""
+        """Raises ValueError if the file is of another model: more than `_MAX_NOT_LOADED` of the
+        model's parameter elements would keep their random initialization (missing, or skipped
+        for another shape), or more than `_MAX_NOT_LOADED` of the parameter tensors the file
+        names have another shape."""
         params = dict(self.model.named_parameters())
-        total = sum(p.numel() for p in params.values())
-        not_loaded = [k for k in set(incompatible.missing_keys) if k in params]
-        fraction = sum(params[k].numel() for k in not_loaded) / max(total, 1)
-        if fraction <= _MAX_NOT_LOADED:
+        not_loaded = sorted(set(incompatible.missing_keys) & set(params))
+        skipped = [k for k, _, _ in incompatible.incorrect_shapes if k in params]
+        random = sum(params[k].numel() for k in not_loaded) / max(
+            sum(p.numel() for p in params.values()), 1
+        )
+        named = len(params) - len(not_loaded) + len(skipped)
+        if random > _MAX_NOT_LOADED:
+            why = f"{random:.0%} of the model's parameters would stay random"
+        elif skipped and len(skipped) / named > _MAX_NOT_LOADED:
+            why = f"{len(skipped)} of the {named} parameters it names have other shapes"
+        else:
             return
-        skipped = len(incompatible.incorrect_shapes)
         raise ValueError(
-            f"file {self._loading_file!r} is not of this model: {fraction:.0%} of its parameters "
-            f"would keep their random initialization ({len(not_loaded)} tensors, {skipped} of "
-            f"them of another shape, e.g. {_preview(not_loaded)}); check MODEL.WEIGHTS against "
-            "the config (backbone depth, FPN/head widths)"
+            f"file {self._loading_file!r} is not of this model: {why} ({len(not_loaded)} "
+            f"tensors not loaded, e.g. {_preview(skipped or not_loaded)}); check MODEL.WEIGHTS "
+            "against the config (backbone depth, FPN and head widths)"
         )

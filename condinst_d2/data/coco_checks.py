@@ -17,10 +17,10 @@ __all__ = ["check_coco_json", "has_rle_masks"]
 
 logger = logging.getLogger(__name__)
 
-# Polygon coordinates may lie outside the image (crops, sloppy tools), but by at most one image
-# size on each side: x in [-W, 2W], y in [-H, 2H]. Farther is a broken file, and rasterising it
-# costs memory in proportion to the distance.
-_MARGIN = 1.0
+# Polygon coordinates may lie outside the image (crops, sloppy tools), but by at most 10 image
+# sizes on each side: x in [-10 W, 11 W], y in [-10 H, 11 H]. Farther is a broken file, and
+# rasterising it costs memory in proportion to the distance (a few MB at this bound).
+_MARGIN = 10
 
 
 def check_coco_json(data: Mapping[str, Any], json_file: str, evaluated: bool) -> None:
@@ -171,8 +171,8 @@ def _check_polygon(polygon: Any, image: dict, where: str, evaluated: bool) -> No
     if x.size and y.size and _too_far(x, w) | _too_far(y, h):
         raise ValueError(
             f"{where}: polygon coordinates reach x in [{x.min():g}, {x.max():g}], y in "
-            f"[{y.min():g}, {y.max():g}], farther than one image size ({w}x{h}) outside the "
-            "image; fix or remove the annotation"
+            f"[{y.min():g}, {y.max():g}], farther than {_MARGIN} image sizes ({w}x{h}) outside "
+            "the image; fix or remove the annotation"
         )
     if evaluated and (xy.size < 6 or xy.size % 2):
         raise ValueError(
