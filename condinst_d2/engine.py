@@ -92,7 +92,8 @@ def check_num_classes(cfg: CfgNode) -> None:
 
 
 def check_solver(cfg: CfgNode) -> None:
-    """Fails at start-up on solver values that Detectron2 would only trip over during training."""
+    """Fails at start-up on solver (and mask format) values that Detectron2 would only trip over
+    during training."""
     for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
         if cfg.SOLVER[key] < 1:
             raise ValueError(
@@ -103,6 +104,10 @@ def check_solver(cfg: CfgNode) -> None:
                     else ""
                 )
             )
+    if cfg.INPUT.MASK_FORMAT not in ("polygon", "bitmask"):
+        raise ValueError(f"INPUT.MASK_FORMAT is {cfg.INPUT.MASK_FORMAT!r}; use polygon or bitmask")
+    if not 0 < cfg.SOLVER.BASE_LR < float("inf"):
+        raise ValueError(f"SOLVER.BASE_LR is {cfg.SOLVER.BASE_LR}; it must be a positive number")
     if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
@@ -190,10 +195,27 @@ def user_error_message(error: BaseException) -> Optional[str]:
     """
     if not isinstance(error, (OSError, ValueError, FloatingPointError)):
         return None
-    message = " ".join(str(error).split())
+    message = " ".join(_without_worker_traceback(str(error)).split())
     if isinstance(error, FloatingPointError):
         message += " (lower SOLVER.BASE_LR, or check the data of the last batches)"
     return f"error: {message}"
+
+
+def _without_worker_traceback(message: str) -> str:
+    """The message of an error raised in a DataLoader worker process, which torch re-raises with
+    the worker's traceback in the message: only the last exception's own message is kept."""
+    _, found, trace = message.partition("Original Traceback (most recent call last):")
+    if not found:
+        return message
+    lines = trace.splitlines()
+    ends = [
+        i for i in range(1, len(lines)) if lines[i][:1] not in ("", " ") and lines[i - 1][:1] == " "
+    ]
+    if not ends:
+        return message
+    error = "\n".join(lines[ends[-1] :])
+    name, colon, text = error.partition(": ")
+    return text if colon and " " not in name else error
 
 
 def build_cfg(

@@ -141,6 +141,13 @@ def test_duplicate_category_ids_are_refused_naming_both(split, tmp_path):
             lambda d: d["annotations"].append(dict(d["annotations"][0])),
             "annotation id 1 is used twice",
         ),
+        (
+            lambda d: d["annotations"][0].update(
+                segmentation=[["10", "10", "20", "10", "20", "20"]]
+            ),
+            r"annotation 1 .*polygon \['10', '10', .* is not a flat list of numbers",
+        ),
+        (lambda d: d.update(annotations=[]), "has no annotations: there is nothing to train on"),
     ],
 )
 def test_missing_sizes_boxes_and_duplicate_annotations_are_refused(split, tmp_path, edit, message):

@@ -7,6 +7,7 @@ import errno
 import importlib.util
 import os
 import pickle
+import resource
 import signal
 import stat
 import subprocess
@@ -23,7 +24,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.backbone import build_resnet_backbone
 from PIL import Image
 
-from condinst_d2.checkpoint import CondInstCheckpointer
+from condinst_d2.checkpoint import CondInstCheckpointer, make_saves_atomic
 from condinst_d2.engine import build_cfg, check_solver, user_error_message
 
 from helpers import FIXTURES, ROOT, require_fixtures, small_cfg
@@ -110,10 +111,18 @@ def test_config_mistakes_name_the_file_or_key(tmp_path, yaml_text, opts, message
     assert user_error_message(info.value).startswith("error: ")
 
 
-def test_checkpoint_period_0_is_refused_at_start_up():
-    cfg = build_cfg(SMALL, ["SOLVER.CHECKPOINT_PERIOD", "0"])
-    with pytest.raises(ValueError, match=r"SOLVER.CHECKPOINT_PERIOD is 0; it must be >= 1"):
-        check_solver(cfg)
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], r"SOLVER.CHECKPOINT_PERIOD is 0; it must be >= 1"),
+        (["SOLVER.MAX_ITER", "0"], r"SOLVER.MAX_ITER is 0; it must be >= 1"),
+        (["SOLVER.BASE_LR", "-0.01"], r"SOLVER.BASE_LR is -0.01; it must be a positive number"),
+        (["INPUT.MASK_FORMAT", "rle"], r"INPUT.MASK_FORMAT is 'rle'; use polygon or bitmask"),
+    ],
+)
+def test_solver_values_detectron2_would_trip_over_are_refused_at_start_up(opts, message):
+    with pytest.raises(ValueError, match=message):
+        check_solver(build_cfg(SMALL, opts))
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -145,6 +154,15 @@ def test_checkpoint_of_the_wrong_kind_names_the_file(small_model, tmp_path, name
         torch.save(content, path)
     with pytest.raises(ValueError, match=rf"'{path}' is not a checkpoint of weights.*{message}"):
         CondInstCheckpointer(small_model).load(str(path))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(small_model, tmp_path):
+    state = {k: v.clone() for k, v in small_model.state_dict().items()}
+    key = next(k for k in state if k.endswith("cls_logits.weight"))
+    state[key][0, 0] = float("nan")
+    torch.save({"model": state}, tmp_path / "diverged.pth")
+    with pytest.raises(ValueError, match=rf"NaN or infinite values in 1 tensors \['{key}'\]"):
+        CondInstCheckpointer(small_model).load(str(tmp_path / "diverged.pth"))
 
 
 def _mask_rcnn_r50_state():
@@ -228,32 +246,25 @@ def test_stale_temporaries_of_killed_saves_are_removed_and_nothing_else(small_mo
     )
 
 
-_DISK_FULL_SCRIPT = """
-import resource, signal, sys, torch
-from detectron2.checkpoint import DetectionCheckpointer
-from condinst_d2.checkpoint import make_saves_atomic
-checkpointer = make_saves_atomic(DetectionCheckpointer(torch.nn.Linear(500, 500), save_dir=sys.argv[1]))
-checkpointer.save("model_0000009")
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-checkpointer.model.weight.data.fill_(1.0)
-try:
-    checkpointer.save("model_0000019")
-except OSError as e:
-    print(e)
-"""
-
-
 def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_last_checkpoint(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-c", _DISK_FULL_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    message = result.stdout.strip().splitlines()[-1]
-    assert f"cannot write {tmp_path / 'model_0000019.pth'}: no space left" in message
+    """A file-size limit makes torch's writer fail as a full disk does (EFBIG instead of ENOSPC,
+    wrapped by torch in a RuntimeError "enforce fail at inline_container.cc")."""
+    model = torch.nn.Linear(500, 500)
+    checkpointer = make_saves_atomic(DetectionCheckpointer(model, save_dir=str(tmp_path)))
+    checkpointer.save("model_0000009")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    model.weight.data.fill_(1.0)
+    try:
+        with pytest.raises(OSError) as info:
+            checkpointer.save("model_0000019")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert info.value.errno == errno.ENOSPC
+    assert f"cannot write {tmp_path / 'model_0000019.pth'}: no space left" in str(info.value)
+    assert user_error_message(info.value).startswith("error: [Errno 28] cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
     assert float(torch.load(tmp_path / "model_0000009.pth")["model"]["weight"].sum()) != 500 * 500
@@ -332,3 +343,21 @@ def test_user_error_message_of_a_non_finite_loss_is_one_line_with_a_hint():
         "(lower SOLVER.BASE_LR, or check the data of the last batches)"
     )
     assert user_error_message(RuntimeError("a bug")) is None
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        try:
+            raise KeyError("cause")
+        except KeyError as e:
+            raise ValueError("cannot read image 'x.jpg': broken") from e
+
+
+def test_an_error_in_a_data_loader_worker_is_one_line_without_the_workers_traceback():
+    with pytest.raises(ValueError) as info:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)
+    assert user_error_message(info.value) == "error: cannot read image 'x.jpg': broken"

@@ -107,6 +107,7 @@ class CondInstCheckpointer(DetectionCheckpointer):
         """Converts a foreign layout, then loads the weights like Detectron2; raises ValueError if
         none belongs to the model."""
         self._check_is_state_dict(checkpoint)
+        self._check_finite(checkpoint["model"])
         file_keys = list(checkpoint["model"].keys())
         if file_keys:
             checkpoint["model"] = self._convert_foreign(checkpoint["model"])
@@ -151,6 +152,21 @@ class CondInstCheckpointer(DetectionCheckpointer):
             "Converted %s from %s: %s", self._loading_file, fmt.description, conversion.summary()
         )
         return conversion.state_dict
+
+    def _check_finite(self, state_dict: Dict[str, Any]) -> None:
+        """Raises ValueError naming the file and tensors if a floating-point value is NaN or
+        infinite (a diverged run saved as it was): it would predict garbage without a sign."""
+        bad = [
+            k
+            for k, v in state_dict.items()
+            if torch.is_floating_point(torch.as_tensor(v))
+            and not torch.isfinite(torch.as_tensor(v)).all()
+        ]
+        if bad:
+            raise ValueError(
+                f"checkpoint {self._loading_file!r} has NaN or infinite values in {len(bad)} "
+                f"tensors {_preview(bad)} (saved from a diverged run?); use an earlier checkpoint"
+            )
 
     def _check_some_weights_loaded(
         self, incompatible: _IncompatibleKeys, file_keys: List[str]

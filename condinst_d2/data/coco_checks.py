@@ -34,6 +34,8 @@ def check_coco_json(data: Mapping[str, Any], json_file: str, evaluated: bool) ->
             polygons to have >= 3 points and an "area".
     """
     _check_unique_categories(data["categories"], json_file)
+    if not evaluated and not data["annotations"]:
+        raise ValueError(f"{json_file!r} has no annotations: there is nothing to train on")
     images = _check_images(data["images"], json_file)
     seen: Dict[Any, Any] = {}
     orphans = []
@@ -156,11 +158,12 @@ def _too_far(coordinates: np.ndarray, size: int) -> bool:
 
 def _check_polygon(polygon: Any, image: dict, where: str, evaluated: bool) -> None:
     try:
-        xy = np.asarray(polygon, dtype=np.float64)
-    except (TypeError, ValueError):
+        xy = np.asarray(polygon)
+    except ValueError:  # ragged nesting
         xy = np.zeros((0, 0))
-    if xy.ndim != 1:
+    if xy.ndim != 1 or xy.dtype.kind not in "iuf":  # strings, None, nested lists, booleans
         raise ValueError(f"{where}: polygon {str(polygon)[:60]} is not a flat list of numbers")
+    xy = xy.astype(np.float64)
     if not np.isfinite(xy).all():
         raise ValueError(
             f"{where}: polygon has a non-finite coordinate ({xy[~np.isfinite(xy)][0]}); "
