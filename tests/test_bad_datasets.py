@@ -164,6 +164,7 @@ def test_missing_sizes_boxes_and_duplicate_annotations_are_refused(split, tmp_pa
     [
         ([[10, 10, 15, 15]], "polygon of 4 coordinates"),
         ([], "'segmentation' is '\\[\\]'"),
+        (None, "no numeric 'area'"),
     ],
 )
 def test_test_set_annotations_cocoeval_cannot_read_are_refused(
@@ -172,7 +173,10 @@ def test_test_set_annotations_cocoeval_cannot_read_are_refused(
     """Training skips them (test_reliability); COCOeval would crash on them after inference."""
     data, images = split
     data = json.loads(json.dumps(data))
-    data["annotations"][0]["segmentation"] = segmentation
+    if segmentation is None:
+        del data["annotations"][0]["area"]
+    else:
+        data["annotations"][0]["segmentation"] = segmentation
     path = _write(tmp_path, data)
     build_cfg(SMALL, [], train_dataset=(path, images))  # accepted for training
     with pytest.raises(ValueError, match=rf"{path}.*annotation 1 .*{message}"):
@@ -202,3 +206,13 @@ def test_rle_of_another_size_is_refused(split, tmp_path):
     path = _write(tmp_path, data)
     with pytest.raises(ValueError, match=r"annotation 1 .*\[96, 128\], got size \[10, 10\]"):
         build_cfg(SMALL, [], train_dataset=(path, images))
+
+
+def test_annotations_of_images_not_in_the_file_are_reported(split, tmp_path, caplog):
+    data, images = split
+    data = json.loads(json.dumps(data))
+    data["annotations"][0]["image_id"] = 99
+    path = _write(tmp_path, data)
+    with caplog.at_level("WARNING", logger="condinst_d2.data.coco_checks"):
+        build_cfg(SMALL, [], train_dataset=(path, images))
+    assert f"{path}: 1 annotations (ids [1]) belong to no image of the file" in caplog.text

@@ -22,6 +22,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.backbone import build_resnet_backbone
+from detectron2.utils import comm
 from PIL import Image
 
 from condinst_d2.checkpoint import CondInstCheckpointer, make_saves_atomic
@@ -125,6 +126,13 @@ def test_solver_values_detectron2_would_trip_over_are_refused_at_start_up(opts, 
         check_solver(build_cfg(SMALL, opts))
 
 
+def test_a_batch_not_divisible_by_the_processes_is_refused(monkeypatch):
+    cfg = build_cfg(SMALL, ["SOLVER.IMS_PER_BATCH", "4"])
+    monkeypatch.setattr(comm, "get_world_size", lambda: 3)
+    with pytest.raises(ValueError, match=r"IMS_PER_BATCH 4 is not divisible by the 3 processes"):
+        check_solver(cfg)
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 
@@ -219,6 +227,12 @@ def test_resume_in_a_folder_trained_with_other_classes_is_refused(small_model, t
     with pytest.raises(ValueError, match=r"cannot resume from .*model_0000009.pth.*cls_logits"):
         checkpointer.resume_or_load("", resume=True)
     checkpointer.resume_or_load(str(tmp_path / "model_0000009.pth"), resume=False)  # fine-tune
+
+
+def test_a_last_checkpoint_naming_a_missing_file_names_it(small_model, tmp_path):
+    (tmp_path / "last_checkpoint").write_text("model_0000099.pth")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*model_0000099.pth"):
+        CondInstCheckpointer(small_model, save_dir=str(tmp_path)).resume_or_load("", resume=True)
 
 
 def test_stale_temporaries_of_killed_saves_are_removed_and_nothing_else(small_model, tmp_path):
