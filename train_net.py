@@ -8,7 +8,9 @@
 
 On a machine without CUDA, --num-gpus N runs N CPU processes over gloo. OUTPUT_DIR gets
 config.yaml (with the class names), the checkpoints, log.txt, metrics.json, TensorBoard events and
-results.json (the final AP tables).
+results.json (the final AP tables). A mistake in the inputs (config, datasets, checkpoints, disk)
+ends with one line `error: ...` and exit status 1; --debug (or CONDINST_DEBUG=1) shows the
+traceback instead.
 """
 
 import warnings
@@ -21,15 +23,17 @@ warnings.filterwarnings("ignore", "__array__ implementation doesn't accept", Dep
 
 import logging
 import os
+import sys
 
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from torch.multiprocessing import ProcessExitedException
 
 from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.classes import inference_config
-from condinst_d2.engine import Trainer, build_cfg, save_results
+from condinst_d2.engine import Trainer, build_cfg, check_solver, save_results, user_error_message
 
 logger = logging.getLogger("condinst_d2.train_net")
 
@@ -58,6 +62,24 @@ def main(args):
     return results
 
 
+def check_inputs(args):
+    """Reads the config and the datasets, so that their mistakes are reported once by the
+    launching process rather than by every worker."""
+    check_solver(build_cfg(args.config_file, args.opts, args.train_dataset, args.test_dataset))
+
+
+def reporting(func, args):
+    """`func(args)`, with a user's mistake as one line on stderr and exit status 1."""
+    try:
+        return func(args)
+    except Exception as e:
+        message = None if args.debug else user_error_message(e)
+        if message is None:
+            raise
+        sys.stderr.write(message + "\n")
+        sys.exit(1)
+
+
 def argument_parser():
     parser = default_argument_parser(__doc__)
     for split in ("train", "test"):
@@ -68,16 +90,43 @@ def argument_parser():
             help=f"a COCO-format instance JSON and its image folder, used as the {split} set "
             "(sets MODEL.FCOS.NUM_CLASSES and the class names from the JSON)",
         )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("CONDINST_DEBUG", "") not in ("", "0"),
+        help="show the traceback of every error (default: one line for a mistake in the "
+        "inputs); also CONDINST_DEBUG=1",
+    )
     return parser
 
 
+def parse_args(argv=None):
+    """The arguments; options written after the config overrides (`KEY VALUE ... --resume`) are
+    read as options too, not as overrides."""
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    while any(x.startswith("--") for x in args.opts):
+        at = next(i for i, x in enumerate(args.opts) if x.startswith("--"))
+        overrides = args.opts[:at]
+        args = parser.parse_args(args.opts[at:], namespace=args)
+        args.opts = overrides + args.opts
+    return args
+
+
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    args = parse_args()
+    if args.num_gpus * args.num_machines > 1:
+        reporting(check_inputs, args)
+    try:
+        launch(
+            reporting,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(main, args),
+        )
+    except ProcessExitedException as e:  # a worker failed; it has reported why
+        if args.debug:
+            raise
+        sys.exit(e.exit_code or 1)

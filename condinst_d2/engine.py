@@ -2,6 +2,7 @@
 quick-start."""
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import yaml
 from detectron2.config import CfgNode
 from detectron2.data import (
     MetadataCatalog,
@@ -26,7 +28,15 @@ from .config import get_condinst_cfg
 from .data import CondInstDatasetMapper, register_coco_dataset
 from .utils import atomic_write
 
-__all__ = ["Trainer", "build_cfg", "check_num_classes", "save_config", "save_results"]
+__all__ = [
+    "Trainer",
+    "build_cfg",
+    "check_num_classes",
+    "check_solver",
+    "save_config",
+    "save_results",
+    "user_error_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode):
         check_num_classes(cfg)
+        check_solver(cfg)
         with _ddp_accepts_cpu_models():
             super().__init__(cfg)
 
@@ -99,6 +110,39 @@ def check_num_classes(cfg: CfgNode) -> None:
             )
 
 
+def check_solver(cfg: CfgNode) -> None:
+    """Fails at start-up on solver (and mask format) values that Detectron2 would only trip over
+    during training."""
+    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
+        if cfg.SOLVER[key] < 1:
+            raise ValueError(
+                f"SOLVER.{key} is {cfg.SOLVER[key]}; it must be >= 1"
+                + (
+                    " (to save only the final model, make it larger than SOLVER.MAX_ITER)"
+                    if key == "CHECKPOINT_PERIOD"
+                    else ""
+                )
+            )
+    if cfg.INPUT.MASK_FORMAT not in ("polygon", "bitmask"):
+        raise ValueError(f"INPUT.MASK_FORMAT is {cfg.INPUT.MASK_FORMAT!r}; use polygon or bitmask")
+    if not 0 < cfg.SOLVER.BASE_LR < float("inf"):
+        raise ValueError(f"SOLVER.BASE_LR is {cfg.SOLVER.BASE_LR}; it must be a positive number")
+    if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "
+            f"{comm.get_world_size()} processes; make it a multiple of --num-gpus"
+        )
+
+
+def _bitmasks_for_rle(cfg: CfgNode) -> None:
+    """Switches INPUT.MASK_FORMAT to bitmask when a training set has RLE masks (polygon, the
+    default, fails on them late in the data loader)."""
+    rle = [n for n in cfg.DATASETS.TRAIN if MetadataCatalog.get(n).get("rle_masks", False)]
+    if rle and cfg.INPUT.MASK_FORMAT == "polygon":
+        logger.warning("%s has RLE masks: INPUT.MASK_FORMAT polygon -> bitmask", rle[0])
+        cfg.INPUT.MASK_FORMAT = "bitmask"
+
+
 @contextlib.contextmanager
 def _ddp_accepts_cpu_models() -> Iterator[None]:
     """For the duration of the block, lets DefaultTrainer wrap a CPU model in DDP (gloo).
@@ -141,6 +185,58 @@ def _flush_denormal(enabled: bool) -> Iterator[None]:
         torch.set_flush_denormal(was_enabled)
 
 
+def _read_config(config_file: str, opts: Sequence[str]) -> CfgNode:
+    """`get_condinst_cfg`, with every mistake in the file or the overrides as a ValueError (or
+    FileNotFoundError) that names the file or key."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(errno.ENOENT, "config file not found", config_file)
+    where = f"config {config_file!r}" + (f" with overrides {list(opts)}" if opts else "")
+    try:
+        return get_condinst_cfg(config_file, opts)
+    except FileNotFoundError:
+        raise
+    except (AttributeError, TypeError) as e:  # yacs on a YAML that is not a mapping
+        raise ValueError(f"{where}: not a YAML mapping of config keys ({e})") from e
+    except (KeyError, AssertionError, ValueError, yaml.YAMLError) as e:
+        message = " ".join(str(e.args[0] if isinstance(e, KeyError) else e).split())
+        if len(message) > 300:
+            message = message[:300] + " ..."
+        raise ValueError(
+            f"{where}: {message} (keys and types: configs/CondInst/, condinst_d2/config.py)"
+        ) from e
+
+
+def user_error_message(error: BaseException) -> Optional[str]:
+    """The one line that reports `error` if it is a user's foreseeable mistake, else None.
+
+    Those are the OSError, ValueError and FloatingPointError (non-finite loss) that condinst_d2
+    and Detectron2 raise for bad inputs, configs and files; their messages name the input.
+    """
+    if not isinstance(error, (OSError, ValueError, FloatingPointError)):
+        return None
+    message = " ".join(_without_worker_traceback(str(error)).split())
+    if isinstance(error, FloatingPointError):
+        message += " (lower SOLVER.BASE_LR, or check the data of the last batches)"
+    return f"error: {message}"
+
+
+def _without_worker_traceback(message: str) -> str:
+    """The message of an error raised in a DataLoader worker process, which torch re-raises with
+    the worker's traceback in the message: only the last exception's own message is kept."""
+    _, found, trace = message.partition("Original Traceback (most recent call last):")
+    if not found:
+        return message
+    lines = trace.splitlines()
+    ends = [
+        i for i in range(1, len(lines)) if lines[i][:1] not in ("", " ") and lines[i - 1][:1] == " "
+    ]
+    if not ends:
+        return message
+    error = "\n".join(lines[ends[-1] :])
+    name, colon, text = error.partition(": ")
+    return text if colon and " " not in name else error
+
+
 def build_cfg(
     config_file: str,
     opts: Sequence[str] = (),
@@ -156,9 +252,10 @@ def build_cfg(
             MODEL.FCOS.NUM_CLASSES and MODEL.FCOS.CLASS_NAMES from the JSON (the training set's
             when both are given). A training set given without a test set clears DATASETS.TEST
             (no evaluation). Without either, the class names come from the config's datasets
-            when they are registered with names (`get_class_names`).
+            when they are registered with names (`get_class_names`). A training set with RLE
+            masks sets INPUT.MASK_FORMAT to bitmask.
     """
-    cfg = get_condinst_cfg(config_file, opts)
+    cfg = _read_config(config_file, opts)
     # The training set defines the model's classes; a test set alone (eval-only) does.
     for prefix, dataset, key in (("test", test_dataset, "TEST"), ("train", train_dataset, "TRAIN")):
         if dataset:
@@ -174,6 +271,7 @@ def build_cfg(
             "No test dataset given with the training dataset: %s not evaluated", cfg.DATASETS.TEST
         )
         cfg.DATASETS.TEST = ()
+    _bitmasks_for_rle(cfg)
     cfg.freeze()
     return cfg
 

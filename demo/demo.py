@@ -19,12 +19,15 @@ warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarn
 warnings.filterwarnings("ignore", "__array__ implementation doesn't accept", DeprecationWarning)
 
 import argparse
+import contextlib
 import glob
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
+from types import FrameType
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import cv2
@@ -326,23 +329,38 @@ def drawn_frames(
             yield np.ascontiguousarray(drawn[:, :, ::-1])
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """In the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does (main thread only)."""
+
+    def interrupt(signum: int, frame: Optional[FrameType]) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def write_frames(
     frames: Iterator[np.ndarray], sink: FrameSink, total: Optional[int], label: str
 ) -> Tuple[int, Optional[str]]:
     """Feeds frames to `sink` with a progress bar; returns (frames processed, file written or None).
 
-    Esc in the window or Ctrl-C stops early and keeps what was written; any other error discards
-    the output file.
+    Esc in the window, Ctrl-C or SIGTERM (`kill`, a job scheduler) stops early and keeps what was
+    written; any other error discards the output file.
     """
     count, completed, interrupted, written = 0, False, False, None
     bar_format = PROGRESS_FORMAT if total else PROGRESS_FORMAT_OPEN_ENDED
     progress = tqdm.tqdm(total=total, unit="frame", desc=label, bar_format=bar_format)
     try:
-        for frame in frames:
-            count += 1
-            progress.update()
-            if not sink.write(frame):
-                break
+        with sigterm_as_interrupt():
+            for frame in frames:
+                count += 1
+                progress.update()
+                if not sink.write(frame):
+                    break
         completed = True
     except KeyboardInterrupt:
         completed = interrupted = True

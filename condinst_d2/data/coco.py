@@ -8,11 +8,14 @@ from typing import Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from .coco_checks import check_coco_json, has_rle_masks
+
 __all__ = ["register_coco_dataset"]
 
 
-def _read_coco_categories(json_file: str) -> list:
-    """The categories of a COCO instance JSON, after checking that it is one."""
+def _read_coco_json(json_file: str, evaluated: bool) -> dict:
+    """A COCO instance JSON, after checking that it is one (and `check_coco_json`; `evaluated`:
+    the checks of a set that COCOeval scores)."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"dataset annotation file {json_file!r} does not exist")
     try:
@@ -31,6 +34,7 @@ def _read_coco_categories(json_file: str) -> list:
         raise ValueError(f"{json_file!r} has no images")
     if not data["categories"]:
         raise ValueError(f"{json_file!r} has no categories")
+    check_coco_json(data, json_file, evaluated)
     known = {c["id"] for c in data["categories"]}
     unknown = sorted({a.get("category_id") for a in data["annotations"]} - known, key=str)
     if unknown:
@@ -38,7 +42,7 @@ def _read_coco_categories(json_file: str) -> list:
             f"{json_file!r}: annotations use category ids {unknown[:10]} that are not in its "
             f"'categories' (ids {sorted(known)[:10]}{'...' if len(known) > 10 else ''})"
         )
-    return sorted(data["categories"], key=lambda c: c["id"])
+    return data
 
 
 def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple[str, int]:
@@ -48,16 +52,19 @@ def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple
     gets "_2", "_3", ...
 
     Returns:
-        (dataset name, number of categories). The class names come from the JSON's categories.
+        (dataset name, number of categories). The class names come from the JSON's categories;
+        the metadata's `rle_masks` says whether a non-crowd mask is RLE.
     """
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset image folder {image_root!r} does not exist")
-    categories = _read_coco_categories(json_file)
+    data = _read_coco_json(json_file, evaluated=prefix == "test")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
     name = _dataset_name(prefix, json_file)
     if name not in DatasetCatalog.list():
         register_coco_instances(name, {}, json_file, image_root)
         MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
+        MetadataCatalog.get(name).set(rle_masks=has_rle_masks(data))
     elif MetadataCatalog.get(name).image_root != image_root:
         raise ValueError(
             f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}"
