@@ -2,16 +2,16 @@
 
 import json
 import os
-from typing import Tuple
+from typing import Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
-__all__ = ["register_coco_dataset"]
+__all__ = ["register_coco_dataset", "check_training_masks"]
 
 
-def _read_coco_categories(json_file: str) -> list:
-    """The categories of a COCO instance JSON, after checking that it is one."""
+def _read_coco_json(json_file: str) -> dict:
+    """The contents of a COCO instance JSON, after checking that it is one."""
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"dataset annotation file {json_file!r} does not exist")
     try:
@@ -37,7 +37,7 @@ def _read_coco_categories(json_file: str) -> list:
             f"{json_file!r}: annotations use category ids {unknown[:10]} that are not in its "
             f"'categories' (ids {sorted(known)[:10]}{'...' if len(known) > 10 else ''})"
         )
-    return sorted(data["categories"], key=lambda c: c["id"])
+    return data
 
 
 def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple[str, int]:
@@ -48,14 +48,32 @@ def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple
     """
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"dataset image folder {image_root!r} does not exist")
-    categories = _read_coco_categories(json_file)
+    data = _read_coco_json(json_file)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
     json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
     name = f"{prefix}:{json_file}"
     if name not in DatasetCatalog.list():
         register_coco_instances(name, {}, json_file, image_root)
-        MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
+        MetadataCatalog.get(name).set(
+            thing_classes=[c["name"] for c in categories],
+            # False for a box-only dataset (annotations but no 'segmentation'): BoxInst's data
+            has_masks=any(a.get("segmentation") for a in data["annotations"])
+            or not data["annotations"],
+        )
     elif MetadataCatalog.get(name).image_root != image_root:
         raise ValueError(
             f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}"
         )
     return name, len(categories)
+
+
+def check_training_masks(dataset_names: Sequence[str]) -> None:
+    """Fails when a training set registered here has boxes but no masks: CondInst learns its masks
+    from GT masks, BoxInst from boxes."""
+    for name in dataset_names:
+        if MetadataCatalog.get(name).get("has_masks", True) is False:
+            raise ValueError(
+                f"dataset {name!r} has boxes but no masks (no annotation has a 'segmentation'): "
+                "CondInst learns masks from masks; train BoxInst on it instead "
+                "(--config-file configs/BoxInst/..., or MODEL.BOXINST.ENABLED True)"
+            )

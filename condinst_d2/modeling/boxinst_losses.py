@@ -107,8 +107,8 @@ def projection_loss(scores: torch.Tensor, box_masks: torch.Tensor) -> torch.Tens
 
 def pairwise_loss(logits: torch.Tensor, size: int, dilation: int) -> torch.Tensor:
     """-log P(p and q get the same label) = -log(sigma(l_p) sigma(l_q) + sigma(-l_p) sigma(-l_q))
-    for every pixel p and each of its E neighbours q (zero logits' log-sigmoids outside the map),
-    computed in log space.
+    for every pixel p and each of its E neighbours q, computed in log space. Outside the map the
+    log-probabilities are zero-padded (the authors' unfold), so such pairs cost 0.
 
     Args:
         logits: (R, 1, h, w) mask logits.
