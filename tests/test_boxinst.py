@@ -15,6 +15,7 @@ from detectron2.utils.events import EventStorage
 
 from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.data import CondInstDatasetMapper, register_coco_dataset, write_coco_split
+from condinst_d2.engine import Trainer
 from condinst_d2.modeling.boxinst_losses import (
     BoxInstLoss,
     box_bitmasks,
@@ -27,6 +28,7 @@ from condinst_d2.modeling.boxinst_losses import (
 )
 
 from helpers import (
+    ROOT,
     SHARED,
     assert_same_detections,
     condinst_cfg,
@@ -288,3 +290,30 @@ def test_mapper_gives_boxinst_boxes_and_rejects_box_only_data_for_condinst(tmp_p
     assert not mapped["instances"].has("gt_masks")
     with pytest.raises(ValueError, match=rf"dataset {name!r} has boxes but no masks.*BoxInst"):
         CondInstDatasetMapper(small_cfg(**{"DATASETS.TRAIN": (name,)}), is_train=True)
+    # as a test set, it is evaluated on boxes only (there are no masks to compute segm AP against)
+    assert Trainer.build_evaluator(cfg, name, str(tmp_path))._tasks == ("bbox",)
+
+
+def test_boxinst_configs_are_the_authors():
+    configs = ROOT / "configs" / "BoxInst"
+    for name, depth, max_iter in [
+        ("MS_R_50_1x", 50, 90000),
+        ("MS_R_50_3x", 50, 270000),
+        ("MS_R_101_1x", 101, 90000),
+        ("MS_R_101_3x", 101, 270000),
+    ]:
+        cfg = condinst_cfg(configs / f"{name}.yaml")
+        assert (cfg.MODEL.RESNETS.DEPTH, cfg.SOLVER.MAX_ITER) == (depth, max_iter), name
+        ci, box = cfg.MODEL.CONDINST, cfg.MODEL.BOXINST
+        assert (ci.MAX_PROPOSALS, ci.TOPK_PROPOSALS_PER_IM, ci.MASK_BRANCH.OUT_CHANNELS) == (
+            -1,
+            64,
+            16,
+        )
+        assert box.ENABLED and box.BOTTOM_PIXELS_REMOVED == 10
+        pairwise = box.PAIRWISE
+        assert (pairwise.SIZE, pairwise.DILATION, pairwise.COLOR_THRESH) == (3, 2, 0.3)
+        assert pairwise.WARMUP_ITERS == 10000
+    _require_fixture()
+    authors = condinst_cfg(CASE / "config_condinst.yaml")  # the authors' merged config
+    assert authors.MODEL.BOXINST.ENABLED and authors.MODEL.BOXINST.PAIRWISE.WARMUP_ITERS == 10000
