@@ -1,4 +1,4 @@
-"""Config keys of FCOS and CondInst, with the defaults of the authors' implementation.
+"""Config keys of FCOS, CondInst and BoxInst, with the defaults of the authors' implementation.
 
 `add_condinst_config` adds them to a given config; Detectron2's global defaults are never touched.
 Keys that exist only so that the authors' YAMLs merge unchanged are accepted, and values this
@@ -63,7 +63,9 @@ def _add_condinst_config(cfg: CN) -> None:
     cfg.MODEL.CONDINST = CN()
     _C = cfg.MODEL.CONDINST
     _C.MASK_OUT_STRIDE = 4  # stride of the mask head's output (mask loss resolution)
-    _C.BOTTOM_PIXELS_REMOVED = -1  # BoxInst option of the authors' code; must stay -1
+    _C.BOTTOM_PIXELS_REMOVED = (
+        -1
+    )  # unused in the authors' code (BoxInst reads its own); must stay -1
     _C.MAX_PROPOSALS = -1  # random subset of positives that train the mask head (-1 = all)
     _C.TOPK_PROPOSALS_PER_IM = -1  # per-image top-k positives by score (-1 = off)
     _C.MASK_NMS = False  # NMS on mask IoU instead of box IoU at inference (paper Table 5)
@@ -89,6 +91,23 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.MASK_BRANCH.SEMANTIC_LOSS_ON = False  # auxiliary semantic segmentation loss (training)
 
 
+def _add_boxinst_config(cfg: CN) -> None:
+    cfg.MODEL.BOXINST = CN()
+    _C = cfg.MODEL.BOXINST
+    _C.ENABLED = False  # BoxInst: learn the masks from the GT boxes (projection + pairwise losses)
+    _C.BOTTOM_PIXELS_REMOVED = (
+        10  # rows at the image bottom left out of the colour pairs (<= 0: none)
+    )
+
+    _C.PAIRWISE = CN()
+    _C.PAIRWISE.SIZE = 3  # side of the (odd) neighbourhood of the pairwise loss
+    _C.PAIRWISE.DILATION = 2  # dilation of that neighbourhood, at the mask resolution
+    _C.PAIRWISE.WARMUP_ITERS = (
+        10000  # iterations over which the pairwise loss ramps up to full weight
+    )
+    _C.PAIRWISE.COLOR_THRESH = 0.3  # colour similarity from which a pair of pixels is supervised
+
+
 def _add_efficientnet_config(cfg: CN) -> None:
     cfg.MODEL.EFFICIENTNET = CN()
     _C = cfg.MODEL.EFFICIENTNET
@@ -97,9 +116,11 @@ def _add_efficientnet_config(cfg: CN) -> None:
 
 
 def add_condinst_config(cfg: CN) -> None:
-    """Adds the MODEL.FCOS, MODEL.CONDINST and MODEL.EFFICIENTNET keys to `cfg` (in place)."""
+    """Adds the MODEL.FCOS, MODEL.CONDINST, MODEL.BOXINST and MODEL.EFFICIENTNET keys to `cfg`
+    (in place)."""
     _add_fcos_config(cfg)
     _add_condinst_config(cfg)
+    _add_boxinst_config(cfg)
     _add_efficientnet_config(cfg)
     # Deformable conv every N blocks, in the authors' codebase; accepted, must stay 1 (off).
     cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1

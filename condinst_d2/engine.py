@@ -89,7 +89,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        # A box-only test set (BoxInst's data) has no masks to compute segm AP against.
+        tasks = None if MetadataCatalog.get(dataset_name).get("has_masks", True) else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
 
 
 def check_num_classes(cfg: CfgNode) -> None:

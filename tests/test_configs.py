@@ -61,7 +61,12 @@ def test_config_merges_and_builds(path):
     model = build_model(cfg)
     assert type(model).__name__ == cfg.MODEL.META_ARCHITECTURE == "CondInst"
     head = model.proposal_generator.fcos_head
-    assert head.controller.out_channels == model.mask_head.num_params == 169
+    # BoxInst's mask branch has 16 output channels: (16+2)*8+8 + 8*8+8 + 8+1 parameters
+    num_params = 233 if cfg.MODEL.BOXINST.ENABLED else 169
+    assert head.controller.out_channels == model.mask_head.num_params == num_params
+    assert model.mask_head.mask_loss.names == (
+        ("loss_prj", "loss_pairwise") if cfg.MODEL.BOXINST.ENABLED else ("loss_mask",)
+    )
     assert head.cls_logits.out_channels == cfg.MODEL.FCOS.NUM_CLASSES
     assert hasattr(model.mask_branch, "seg_head") == cfg.MODEL.CONDINST.MASK_BRANCH.SEMANTIC_LOSS_ON
 

@@ -181,7 +181,8 @@ def test_loss_without_instances_is_connected_zero():
     feats = torch.ones((1, 2, 2, 2), requires_grad=True)
     params = torch.zeros((0, 19), requires_grad=True)
     inst = _instances(params, [], [], [], gt_inds=[])
-    loss = head.loss(feats, inst, torch.zeros((0, 2, 2)))
+    gt = Instances((16, 16), gt_bitmasks=torch.zeros((0, 2, 2)))
+    (loss,) = head.loss(feats, inst, [gt]).values()
     assert loss.item() == 0.0 and loss.requires_grad and loss.grad_fn is not None
     loss.backward()
     assert torch.equal(feats.grad, torch.zeros_like(feats))
@@ -195,7 +196,7 @@ def test_loss_is_mean_dice():
     feats = torch.randn((1, 2, 2, 2), generator=torch.Generator().manual_seed(0))
     gt = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [1, 1]]], dtype=torch.uint8)
     inst = _instances(torch.stack([c0, c1]), [0, 0], [[0, 0], [0, 0]], [0, 0], gt_inds=[1, 0])
-    loss = head.loss(feats, inst, gt)
+    loss = head.loss(feats, inst, [Instances((16, 16), gt_bitmasks=gt)])["loss_mask"]
     # inst 0 vs all-ones: inter 2, p^2 1, t^2 4; inst 1 vs one pixel: inter 3/4, p^2 4*9/16, t^2 1
     d0 = 1 - 2 * 2.0 / (1.0 + 4.0 + 1e-5)
     d1 = 1 - 2 * 0.75 / (2.25 + 1.0 + 1e-5)

@@ -142,7 +142,7 @@ def test_mask_head_sampling_options(overrides):
     images = model.preprocess_image(inputs)
     features = model.backbone(images.tensor)
     gt = [x["instances"] for x in inputs]
-    model.add_bitmasks(gt, images.tensor.shape[-2:])
+    model.mask_head.add_targets(gt, inputs, images.tensor.shape[-2:])
     positives, _ = model.proposal_generator(images, features, gt)
     assert sum(len(p) for p in positives) == 98
     selected = model.select_mask_training_instances(positives, tuple(images.tensor.shape[-2:]))

@@ -99,7 +99,7 @@ def test_intermediates_match_authors_debug_vectors():
     np.testing.assert_array_equal(images.tensor.numpy(), debug["model_input_padded"])
     features = model.backbone(images.tensor)
     gt = [x["instances"] for x in inputs]
-    model.add_bitmasks(gt, images.tensor.shape[-2:])
+    model.mask_head.add_targets(gt, inputs, images.tensor.shape[-2:])
     for i, g in enumerate(gt):
         np.testing.assert_array_equal(g.gt_bitmasks_full.numpy(), debug[f"gt_bitmasks_full_im{i}"])
         np.testing.assert_array_equal(g.gt_bitmasks.numpy(), debug[f"gt_bitmasks_im{i}"])

@@ -3,14 +3,14 @@
 import json
 import os
 import re
-from typing import Tuple
+from typing import Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from .coco_checks import check_coco_json, has_rle_masks
 
-__all__ = ["register_coco_dataset"]
+__all__ = ["register_coco_dataset", "check_training_masks"]
 
 
 def _read_coco_json(json_file: str, evaluated: bool) -> dict:
@@ -63,8 +63,13 @@ def register_coco_dataset(prefix: str, json_file: str, image_root: str) -> Tuple
     name = _dataset_name(prefix, json_file)
     if name not in DatasetCatalog.list():
         register_coco_instances(name, {}, json_file, image_root)
-        MetadataCatalog.get(name).set(thing_classes=[c["name"] for c in categories])
-        MetadataCatalog.get(name).set(rle_masks=has_rle_masks(data))
+        MetadataCatalog.get(name).set(
+            thing_classes=[c["name"] for c in categories],
+            rle_masks=has_rle_masks(data),
+            # False for a box-only dataset (annotations but no 'segmentation'): BoxInst's data
+            has_masks=any(a.get("segmentation") for a in data["annotations"])
+            or not data["annotations"],
+        )
     elif MetadataCatalog.get(name).image_root != image_root:
         raise ValueError(
             f"{json_file!r} is already registered with images in {MetadataCatalog.get(name).image_root!r}"
@@ -81,3 +86,15 @@ def _dataset_name(prefix: str, json_file: str) -> str:
         count += 1
         name = f"{prefix}_{stem}_{count}"
     return name
+
+
+def check_training_masks(dataset_names: Sequence[str]) -> None:
+    """Fails when a training set registered here has boxes but no masks: CondInst learns its masks
+    from GT masks, BoxInst from boxes."""
+    for name in dataset_names:
+        if MetadataCatalog.get(name).get("has_masks", True) is False:
+            raise ValueError(
+                f"dataset {name!r} has boxes but no masks (no annotation has a 'segmentation'): "
+                "CondInst learns masks from masks; train BoxInst on it instead "
+                "(--config-file configs/BoxInst/..., or MODEL.BOXINST.ENABLED True)"
+            )

@@ -20,6 +20,8 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_first_n
 from PIL import Image, ImageOps
 
+from .coco import check_training_masks
+
 __all__ = ["CondInstDatasetMapper", "read_image"]
 
 _UINT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -102,7 +104,19 @@ class CondInstDatasetMapper(DatasetMapper):
     Construction is unchanged (`CondInstDatasetMapper(cfg, is_train=True)` or the
     explicit keyword arguments of `DatasetMapper`); only image reading differs. The
     size check against the dict's "height"/"width" still runs.
+
+    With MODEL.BOXINST.ENABLED, GT masks are never read (BoxInst learns from the boxes: the
+    datasets may have none), as in the authors' mapper; otherwise the training sets must have masks.
     """
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
+        ret = super().from_config(cfg, is_train)
+        if cfg.MODEL.BOXINST.ENABLED:
+            ret.update(use_instance_mask=False, recompute_boxes=False)
+        elif is_train and ret["use_instance_mask"]:
+            check_training_masks(cfg.DATASETS.TRAIN)
+        return ret
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         """Maps one dataset dict to the model's input dict.

@@ -5,12 +5,13 @@ R: instances, P: dynamic parameters per instance, Ch: hidden channels of the dyn
 f = s / MASK_OUT_STRIDE.
 """
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.structures import Instances
+from detectron2.structures import Instances, PolygonMasks, polygons_to_bitmask
 from torch import nn
 
 from .fcos.targets import level_sizes_of_interest
@@ -19,6 +20,8 @@ from .mask_branch import MaskBranch
 
 __all__ = [
     "DynamicMaskHead",
+    "MaskLoss",
+    "DiceMaskLoss",
     "parse_dynamic_params",
     "pack_dynamic_params",
     "dice_loss",
@@ -78,6 +81,71 @@ def dice_loss(scores: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) ->
     return 1.0 - 2 * intersection / union
 
 
+class MaskLoss(Protocol):
+    """What supervises the mask head: CondInst's `DiceMaskLoss` (GT masks) or BoxInst's
+    `BoxInstLoss` (GT boxes). `names` are the keys of the losses it returns."""
+
+    names: Tuple[str, ...]
+
+    def add_targets(
+        self, gt_instances: List[Instances], batched_inputs: List[Dict], padded_size: Sequence[int]
+    ) -> None:
+        """Adds gt_bitmasks_full (G, Hp, Wp) on the padded canvas (FCOS's centre sampling and
+        the semantic loss read it) and what the loss needs to each image's GTs."""
+
+    def __call__(
+        self, mask_logits: torch.Tensor, instances: Instances, gt_instances: List[Instances]
+    ) -> Dict[str, torch.Tensor]:
+        """The losses of R > 0 instances' (R, 1, h, w) mask logits (instances have gt_inds)."""
+
+
+class DiceMaskLoss:
+    """CondInst's mask supervision: dice loss against the GT masks (`loss_mask`)."""
+
+    names = ("loss_mask",)
+
+    def __init__(self, mask_out_stride: int):
+        self.mask_out_stride = mask_out_stride
+
+    def add_targets(
+        self, gt_instances: List[Instances], batched_inputs: List[Dict], padded_size: Sequence[int]
+    ) -> None:
+        """Adds gt_bitmasks_full (G, Hp, Wp) uint8 (the GT masks on the padded canvas) and
+        gt_bitmasks (G, Hp/s, Wp/s) sampled at [s//2::s], s = MASK_OUT_STRIDE."""
+        stride = self.mask_out_stride
+        h, w = padded_size
+        for gt in gt_instances:
+            if not gt.has("gt_masks"):
+                if len(gt) > 0:
+                    raise ValueError(
+                        "CondInst needs gt_masks in training instances (set MODEL.MASK_ON)"
+                    )
+                # Detectron2's mapper leaves gt_masks out for an image without annotations.
+                gt.gt_masks = PolygonMasks([])
+            masks = gt.gt_masks
+            if isinstance(masks, PolygonMasks):
+                full = [polygons_to_bitmask(p, h, w) for p in masks.polygons]
+                full = (
+                    torch.from_numpy(np.stack(full))
+                    if full
+                    else torch.zeros((0, h, w), dtype=torch.bool)
+                )
+                full = full.to(device=gt.gt_boxes.device, dtype=torch.uint8)
+            else:
+                tensor = masks.tensor.to(torch.uint8)
+                full = F.pad(tensor, (0, w - tensor.shape[2], 0, h - tensor.shape[1]))
+            gt.gt_bitmasks_full = full
+            gt.gt_bitmasks = full[:, stride // 2 :: stride, stride // 2 :: stride]
+
+    def __call__(
+        self, mask_logits: torch.Tensor, instances: Instances, gt_instances: List[Instances]
+    ) -> Dict[str, torch.Tensor]:
+        """Mean dice loss of the R instances against their GTs' gt_bitmasks."""
+        scores = mask_logits.sigmoid()
+        targets = torch.cat([gt.gt_bitmasks for gt in gt_instances])[instances.gt_inds]
+        return {"loss_mask": dice_loss(scores, targets.unsqueeze(1).to(scores.dtype)).mean()}
+
+
 class DynamicMaskHead(nn.Module):
     """Runs every instance's dynamic 1x1-conv FCN on its image's mask features (+ relative
     coordinates) as one batched matrix product. Has no parameters of its own."""
@@ -93,12 +161,14 @@ class DynamicMaskHead(nn.Module):
         mask_out_stride: int,
         sizes_of_interest: Sequence[float],
         disable_rel_coords: bool = False,
+        mask_loss: Optional[MaskLoss] = None,
     ):
         """
         Args:
             in_channels, mask_feat_stride: channels Cm and stride s of the mask features.
             mask_out_stride: stride of the output masks; must divide `mask_feat_stride`.
             sizes_of_interest: the relative-coordinate normaliser of each FPN level.
+            mask_loss: the training supervision; None: CondInst's `DiceMaskLoss`.
         """
         super().__init__()
         if num_layers < 1:
@@ -113,13 +183,14 @@ class DynamicMaskHead(nn.Module):
         self.mask_out_stride = mask_out_stride
         self.sizes_of_interest = list(sizes_of_interest)
         self.disable_rel_coords = disable_rel_coords
+        self.mask_loss = mask_loss if mask_loss is not None else DiceMaskLoss(mask_out_stride)
         widths = [in_channels + (0 if disable_rel_coords else 2)]
         widths += [channels] * (num_layers - 1) + [1]
         self.weight_nums = [i * o for i, o in zip(widths[:-1], widths[1:])]
         self.bias_nums = widths[1:]
 
     @classmethod
-    def from_config(cls, cfg, mask_branch: MaskBranch):
+    def from_config(cls, cfg, mask_branch: MaskBranch, mask_loss: Optional[MaskLoss] = None):
         head = cfg.MODEL.CONDINST.MASK_HEAD
         return {
             "in_channels": mask_branch.out_channels,
@@ -129,6 +200,7 @@ class DynamicMaskHead(nn.Module):
             "mask_out_stride": cfg.MODEL.CONDINST.MASK_OUT_STRIDE,
             "sizes_of_interest": level_sizes_of_interest(cfg.MODEL.FCOS.SIZES_OF_INTEREST),
             "disable_rel_coords": head.DISABLE_REL_COORDS,
+            "mask_loss": mask_loss,
         }
 
     @property
@@ -164,17 +236,22 @@ class DynamicMaskHead(nn.Module):
         factor = self.mask_feat_stride // self.mask_out_stride
         return aligned_bilinear(x.reshape(x.shape[0], 1, h, w), factor)
 
+    def add_targets(
+        self, gt_instances: List[Instances], batched_inputs: List[Dict], padded_size: Sequence[int]
+    ) -> None:
+        """Adds the training targets of `mask_loss` to each image's GTs (see `MaskLoss`)."""
+        self.mask_loss.add_targets(gt_instances, batched_inputs, padded_size)
+
     def loss(
-        self, mask_feats: torch.Tensor, instances: Instances, gt_bitmasks: torch.Tensor
-    ) -> torch.Tensor:
-        """Mean dice loss of R instances against their GT masks.
+        self, mask_feats: torch.Tensor, instances: Instances, gt_instances: List[Instances]
+    ) -> Dict[str, torch.Tensor]:
+        """The `mask_loss` losses of R instances.
 
         Args:
-            instances: as in `forward`, plus gt_inds into `gt_bitmasks`.
-            gt_bitmasks: (G_total, h*f, w*f) masks of all GTs of the batch.
+            instances: as in `forward`, plus gt_inds into the batch's concatenated GTs.
+            gt_instances: each image's GTs, after `add_targets`.
         """
         if len(instances) == 0:  # zero, but connected to the graph (DDP needs every gradient)
-            return mask_feats.sum() * 0 + instances.mask_head_params.sum() * 0
-        scores = self(mask_feats, instances).sigmoid()
-        targets = gt_bitmasks[instances.gt_inds].unsqueeze(1).to(scores.dtype)
-        return dice_loss(scores, targets).mean()
+            zero = mask_feats.sum() * 0 + instances.mask_head_params.sum() * 0
+            return {name: zero for name in self.mask_loss.names}
+        return self.mask_loss(self(mask_feats, instances), instances, gt_instances)

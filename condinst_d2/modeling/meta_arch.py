@@ -7,16 +7,15 @@ P: positive locations, D: detections.
 
 from typing import Dict, List, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import move_device_like
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.structures import ImageList, Instances, PolygonMasks, polygons_to_bitmask
+from detectron2.structures import ImageList, Instances
 from torch import nn
 
-from .dynamic_mask_head import DynamicMaskHead
+from .boxinst_losses import BoxInstLoss
+from .dynamic_mask_head import DiceMaskLoss, DynamicMaskHead, MaskLoss
 from .fcos import FCOS
 from .mask_branch import MaskBranch
 from .mask_nms import mask_nms
@@ -38,11 +37,21 @@ def _check_condinst_config(cfg) -> None:
             f"(got {ci.MAX_PROPOSALS} and {ci.TOPK_PROPOSALS_PER_IM}); set one of them to -1"
         )
     if ci.BOTTOM_PIXELS_REMOVED != -1:
-        raise ValueError("MODEL.CONDINST.BOTTOM_PIXELS_REMOVED is a BoxInst option; it must be -1")
+        raise ValueError(
+            "MODEL.CONDINST.BOTTOM_PIXELS_REMOVED is unused and must be -1; BoxInst reads "
+            "MODEL.BOXINST.BOTTOM_PIXELS_REMOVED"
+        )
     if ci.MASK_HEAD.USE_FP16:
         raise ValueError(
             "MODEL.CONDINST.MASK_HEAD.USE_FP16 is not supported; use SOLVER.AMP instead"
         )
+
+
+def _build_mask_loss(cfg) -> MaskLoss:
+    """BoxInst's box supervision when MODEL.BOXINST.ENABLED, else CondInst's mask supervision."""
+    if cfg.MODEL.BOXINST.ENABLED:
+        return BoxInstLoss.from_config(cfg)
+    return DiceMaskLoss(cfg.MODEL.CONDINST.MASK_OUT_STRIDE)
 
 
 def _cat_images(per_image: List[Instances], image_size: Tuple[int, int]) -> Instances:
@@ -59,7 +68,8 @@ def _cat_level_first(per_image: List[Instances], image_size: Tuple[int, int]) ->
 
 @META_ARCH_REGISTRY.register()
 class CondInst(nn.Module):
-    """Conditional convolutions for instance segmentation (Tian, Shen, Chen, ECCV 2020)."""
+    """Conditional convolutions for instance segmentation (Tian, Shen, Chen, ECCV 2020); with
+    MODEL.BOXINST.ENABLED, BoxInst (the same model trained from boxes, CVPR 2021)."""
 
     @configurable
     def __init__(
@@ -113,7 +123,7 @@ class CondInst(nn.Module):
         ci = cfg.MODEL.CONDINST
         backbone = build_backbone(cfg)
         mask_branch = MaskBranch(cfg, backbone.output_shape())
-        mask_head = DynamicMaskHead(cfg, mask_branch)
+        mask_head = DynamicMaskHead(cfg, mask_branch, mask_loss=_build_mask_loss(cfg))
         fcos_overrides = {}
         if ci.MASK_NMS:
             # Mask NMS replaces box NMS: FCOS hands over its best candidates unsuppressed.
@@ -171,13 +181,12 @@ class CondInst(nn.Module):
             raise ValueError("CondInst in training mode needs 'instances' in every input dict")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         padded_size = tuple(images.tensor.shape[-2:])
-        self.add_bitmasks(gt_instances, padded_size)
+        self.mask_head.add_targets(gt_instances, batched_inputs, padded_size)
         mask_feats, losses = self.mask_branch(features, gt_instances)
         positives, fcos_losses = self.proposal_generator(images, features, gt_instances)
         losses.update(fcos_losses)
         positives = self.select_mask_training_instances(positives, padded_size)
-        gt_bitmasks = torch.cat([gt.gt_bitmasks for gt in gt_instances])
-        losses["loss_mask"] = self.mask_head.loss(mask_feats, positives, gt_bitmasks)
+        losses.update(self.mask_head.loss(mask_feats, positives, gt_instances))
         return losses
 
     def forward_inference(
@@ -246,31 +255,3 @@ class CondInst(nn.Module):
                 candidates = candidates[quality.topk(k=per_gt, dim=0).indices]
             kept.append(candidates)
         return Instances.cat(kept)
-
-    def add_bitmasks(self, gt_instances: List[Instances], padded_size) -> None:
-        """Adds gt_bitmasks_full (G, Hp, Wp) uint8 on the padded canvas and gt_bitmasks
-        (G, Hp/s, Wp/s) sampled at [s//2::s], s = the mask head's output stride."""
-        stride = self.mask_head.mask_out_stride
-        h, w = padded_size
-        for gt in gt_instances:
-            if not gt.has("gt_masks"):
-                if len(gt) > 0:
-                    raise ValueError(
-                        "CondInst needs gt_masks in training instances (set MODEL.MASK_ON)"
-                    )
-                # Detectron2's mapper leaves gt_masks out for an image without annotations.
-                gt.gt_masks = PolygonMasks([])
-            masks = gt.gt_masks
-            if isinstance(masks, PolygonMasks):
-                full = [polygons_to_bitmask(p, h, w) for p in masks.polygons]
-                full = (
-                    torch.from_numpy(np.stack(full))
-                    if full
-                    else torch.zeros((0, h, w), dtype=torch.bool)
-                )
-                full = full.to(device=self.device, dtype=torch.uint8)
-            else:
-                tensor = masks.tensor.to(torch.uint8)
-                full = F.pad(tensor, (0, w - tensor.shape[2], 0, h - tensor.shape[1]))
-            gt.gt_bitmasks_full = full
-            gt.gt_bitmasks = full[:, stride // 2 :: stride, stride // 2 :: stride]
