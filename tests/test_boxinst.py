@@ -2,6 +2,7 @@
 (../shared/fixtures/authors_boxinst: intermediates, losses and gradients at two warm-up states,
 inference), the warm-up read from the trainer's iteration, and box-only data."""
 
+import importlib.util
 import json
 import math
 
@@ -271,14 +272,29 @@ def test_empty_and_half_empty_batches_keep_losses_connected_zero():
         assert (losses["loss_prj"].item() == 0) == (len(batch) == 1)
 
 
+def _boxes_only_tool():
+    spec = importlib.util.spec_from_file_location("boxes_only", ROOT / "tools" / "boxes_only.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def _box_only_dataset(tmp_path):
     json_file = write_coco_split(str(tmp_path), "train", 3, (96, 128), seed=0)
-    data = json.loads(open(json_file).read())
-    for annotation in data["annotations"]:
-        del annotation["segmentation"]
-    boxes_only = tmp_path / "boxes_only.json"
-    boxes_only.write_text(json.dumps(data))
+    boxes_only = tmp_path / "boxes" / "boxes_only.json"
+    assert _boxes_only_tool()([json_file, str(boxes_only)]) == 0
     return str(boxes_only), str(tmp_path / "train")
+
+
+def test_boxes_only_tool_strips_the_masks_and_keeps_the_rest(tmp_path, capsys):
+    stripped = json.loads(open(_box_only_dataset(tmp_path)[0]).read())
+    original = json.loads((tmp_path / "train.json").read_text())
+    assert all("segmentation" not in a for a in stripped["annotations"])
+    for a in original["annotations"]:
+        del a["segmentation"]
+    assert stripped == original and original["annotations"]
+    assert _boxes_only_tool()([str(tmp_path / "missing.json"), str(tmp_path / "out.json")]) == 1
+    assert "missing.json" in capsys.readouterr().err
 
 
 def test_mapper_gives_boxinst_boxes_and_rejects_box_only_data_for_condinst(tmp_path):
@@ -317,3 +333,38 @@ def test_boxinst_configs_are_the_authors():
     _require_fixture()
     authors = condinst_cfg(CASE / "config_condinst.yaml")  # the authors' merged config
     assert authors.MODEL.BOXINST.ENABLED and authors.MODEL.BOXINST.PAIRWISE.WARMUP_ITERS == 10000
+
+
+def test_the_losses_recover_a_disk_from_its_box_and_colours():
+    """A per-pixel MLP on the LAB colours (a dynamic mask head on colour features), trained with
+    BoxInst's two losses alone from a box around a red disk on a grey textured background,
+    segments the disk, not the box."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[:128, :128]
+    disk = (ys - 64.0) ** 2 + (xs - 60.0) ** 2 <= 40.0**2
+    image = rng.normal(110, 12, size=(3, 128, 128))
+    image[:, disk] = np.array([40.0, 40.0, 200.0])[:, None] + rng.normal(0, 6, (3, disk.sum()))
+    image = torch.as_tensor(np.clip(image, 0, 255).astype(np.uint8))  # BGR: a red disk
+    gt = Instances((128, 128), gt_boxes=Boxes(torch.tensor([[20.0, 24.0, 100.0, 104.0]])))
+    gt.gt_classes = torch.tensor([0])
+    loss = BoxInstLoss.from_config(_boxinst_cfg())
+    loss.add_targets([gt], [{"image": image}], (128, 128))
+    lab, _ = loss.image_lab({"image": image}, (128, 128), torch.device("cpu"))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    instances = Instances((128, 128), gt_inds=torch.tensor([0]))
+    history = []
+    for _ in range(200):
+        with EventStorage(start_iter=10**6):  # warm-up over
+            losses = loss(net(lab[None] / 100), instances, [gt])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append([v.item() for v in losses.values()])
+    mask = (net(lab[None] / 100)[0, 0] > 0).numpy()
+    target = disk[2::4, 2::4]
+    box = gt.gt_bitmasks[0].numpy().astype(bool)
+    assert (np.array(history[-1]) < 0.1 * np.array(history[0])).all(), history[::50]
+    iou = (mask & target).sum() / (mask | target).sum()
+    assert iou > 0.95 and (box & target).sum() / (box | target).sum() < 0.8, iou

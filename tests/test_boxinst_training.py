@@ -1,5 +1,5 @@
-"""BoxInst trained from boxes only: it learns masks (evaluated against the real ones), and user
-data with degenerate boxes (tiny, huge, overlapping, on the image border) keeps every loss finite."""
+"""BoxInst trained from boxes only: user data with degenerate boxes (tiny, huge, overlapping, on
+the image border) keeps every loss finite."""
 
 import json
 
@@ -10,7 +10,6 @@ from condinst_d2.engine import Trainer, build_cfg
 
 from helpers import ROOT
 
-BOXINST_CPU = str(ROOT / "configs" / "BoxInst" / "EfficientNetLite0_CPU.yaml")
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
 LOSSES = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise")
 
@@ -27,37 +26,6 @@ def _train(config_file, opts, train_dataset, test_dataset=None):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     return trainer, trainer.train()
-
-
-def test_learns_masks_from_boxes_on_generated_shapes(tmp_path):
-    """Short version of the README's quick-start comparison: the loss falls and segm AP,
-    measured against the real masks, is well above what boxes-as-masks or chance give."""
-    train_json = write_coco_split(str(tmp_path), "train", 24, (128, 160), seed=0)
-    test_json = write_coco_split(str(tmp_path), "test", 8, (128, 160), seed=1)
-    data = json.loads(open(train_json).read())
-    boxes_only = _write_boxes_only(data, tmp_path / "train_boxes_only.json")
-    opts = {
-        "SOLVER.MAX_ITER": 120,
-        "SOLVER.STEPS": "(100,)",
-        "SOLVER.WARMUP_ITERS": 20,
-        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS": 15,
-        "INPUT.MIN_SIZE_TRAIN": "(128,)",
-        "INPUT.MIN_SIZE_TEST": 128,
-        "DATALOADER.NUM_WORKERS": 0,
-        "OUTPUT_DIR": str(tmp_path / "out"),
-    }
-    trainer, results = _train(
-        BOXINST_CPU,
-        [str(x) for kv in opts.items() for x in kv],
-        (boxes_only, str(tmp_path / "train")),
-        (test_json, str(tmp_path / "test")),
-    )
-    history = trainer.storage.history
-    total = [v for v, _ in history("total_loss").values()]
-    assert np.isfinite(total).all()
-    assert np.mean(total[-10:]) < 0.7 * np.mean(total[:10]), total
-    assert "loss_mask" not in trainer.storage.histories()
-    assert results["segm"]["AP"] > 15, results
 
 
 def _degenerate_boxes_dataset(tmp_path) -> tuple:
@@ -99,10 +67,10 @@ def test_degenerate_boxes_keep_every_loss_finite(tmp_path):
         "MODEL.CONDINST.MAX_PROPOSALS": -1,
         "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM": 64,
         "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS": 1,
-        "SOLVER.MAX_ITER": 30,
+        "SOLVER.MAX_ITER": 12,
         "SOLVER.BASE_LR": 0.02,
-        "SOLVER.WARMUP_ITERS": 5,
-        "INPUT.MIN_SIZE_TRAIN": "(96, 160)",
+        "SOLVER.WARMUP_ITERS": 2,
+        "INPUT.MIN_SIZE_TRAIN": "(96, 128)",
         "OUTPUT_DIR": str(tmp_path / "out"),
     }
     trainer, _ = _train(
@@ -110,4 +78,4 @@ def test_degenerate_boxes_keep_every_loss_finite(tmp_path):
     )
     for key in LOSSES:
         values = [v for v, _ in trainer.storage.history(key).values()]
-        assert len(values) == 30 and np.isfinite(values).all(), key
+        assert len(values) == 12 and np.isfinite(values).all(), key

@@ -8,6 +8,7 @@ the original file measures its masks against the real ones.
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -28,6 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     for annotation in annotations:
         annotation.pop("segmentation", None)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_write(args.output) as f:
         json.dump(data, f)
     print(f"{args.output}: {len(annotations)} annotations, boxes only")
