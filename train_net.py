@@ -105,12 +105,13 @@ def parse_args(argv=None):
     read as options too, not as overrides."""
     parser = argument_parser()
     args = parser.parse_args(argv)
-    while any(x.startswith("--") for x in args.opts):
-        at = next(i for i, x in enumerate(args.opts) if x.startswith("--"))
+    while True:  # each round consumes at least the option found
+        at = next((i for i, x in enumerate(args.opts) if x.startswith("--") and x != "--"), None)
+        if at is None:
+            return args
         overrides = args.opts[:at]
         args = parser.parse_args(args.opts[at:], namespace=args)
         args.opts = overrides + args.opts
-    return args
 
 
 if __name__ == "__main__":

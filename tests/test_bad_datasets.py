@@ -216,3 +216,13 @@ def test_annotations_of_images_not_in_the_file_are_reported(split, tmp_path, cap
     with caplog.at_level("WARNING", logger="condinst_d2.data.coco_checks"):
         build_cfg(SMALL, [], train_dataset=(path, images))
     assert f"{path}: 1 annotations (ids [1]) belong to no image of the file" in caplog.text
+
+
+def test_the_first_bad_polygon_is_the_one_named(split, tmp_path):
+    data, images = split
+    data = json.loads(json.dumps(data))
+    last = data["annotations"][-1]
+    last["segmentation"] = last["segmentation"] + [[0, 0, 5000, 0, 5000, 10]]
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError, match=rf"annotation {last['id']} .*x in \[0, 5000\]"):
+        build_cfg(SMALL, [], train_dataset=(path, images))

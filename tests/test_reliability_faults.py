@@ -76,6 +76,7 @@ def test_options_after_the_overrides_are_options():
     assert args.resume and args.opts == ["SOLVER.MAX_ITER", "10", "OUTPUT_DIR", "o"]
     args = train_net.parse_args(["SOLVER.MAX_ITER", "10", "--eval-only", "--num-gpus", "2"])
     assert args.eval_only and args.num_gpus == 2 and args.opts == ["SOLVER.MAX_ITER", "10"]
+    assert train_net.parse_args(["A", "1", "--"]).opts == ["A", "1", "--"]  # ends; as Detectron2
 
 
 def test_two_processes_report_a_bad_dataset_once(tmp_path):
