@@ -46,7 +46,7 @@ def main(args):
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="condinst_d2")
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = CondInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = CondInstCheckpointer(model, save_dir=cfg.OUTPUT_DIR, for_inference=True)
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         results = Trainer.test(cfg, model)
         verify_results(cfg, results)

@@ -80,7 +80,7 @@ class Predictor(DefaultPredictor):
         self.cfg.freeze()
         self.model = build_model(self.cfg).eval()
         if self.cfg.MODEL.WEIGHTS:
-            CondInstCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            CondInstCheckpointer(self.model, for_inference=True).load(self.cfg.MODEL.WEIGHTS)
         self.class_names = get_class_names(self.cfg, read_checkpoint=False)
         self.metadata = Metadata(name="condinst_d2", thing_classes=self.class_names)
         min_size, max_size = self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST

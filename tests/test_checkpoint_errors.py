@@ -103,3 +103,26 @@ def test_shape_mismatch_keeps_detectron2_warnings(model, case_dir, tmp_path):
     torch.save(state, path)
     incompatible = load_reporting_incompatible(model, path)
     assert [k for k, _, _ in incompatible.incorrect_shapes] == [key]
+
+
+def test_inference_refuses_head_shapes_of_another_config(case_dir, tmp_path):
+    """A model trained for 4 classes, loaded for inference into the fixture's 80-class config:
+    refused, naming the tensor and the key to set; fine-tuning still skips it with a warning."""
+    four = build_model(
+        build_cfg(
+            str(case_dir / "config_condinst.yaml"),
+            ["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "4"],
+        )
+    )
+    path = tmp_path / "four_classes.pth"
+    torch.save({"model": four.state_dict()}, path)
+    cfg = build_cfg(str(case_dir / "config_condinst.yaml"), ["MODEL.DEVICE", "cpu"])
+    eighty = build_model(cfg)
+    message = r"cls_logits\.weight' \(4, .*set MODEL\.FCOS\.NUM_CLASSES 4"
+    with pytest.raises(ValueError, match=message):
+        CondInstCheckpointer(eighty, for_inference=True).load(str(path))
+    incompatible = load_reporting_incompatible(eighty, str(path))
+    assert {k for k, _, _ in incompatible.incorrect_shapes} == {
+        "proposal_generator.fcos_head.cls_logits.weight",
+        "proposal_generator.fcos_head.cls_logits.bias",
+    }

@@ -88,7 +88,7 @@ def build(args: argparse.Namespace):
         raise ExportFailure(f"{args.config_file}: cannot build the model: {e}") from e
     if weights:
         try:
-            CondInstCheckpointer(model).load(weights)
+            CondInstCheckpointer(model, for_inference=True).load(weights)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
             raise ExportFailure(f"cannot load MODEL.WEIGHTS {weights}: {e}") from e
     else:

@@ -18,7 +18,7 @@ Detectron2's warnings. `resume_or_load` first removes the temporary files of kil
 import errno
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -72,8 +72,11 @@ class CondInstCheckpointer(DetectionCheckpointer):
 
     class_names: Sequence[str] = ()
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, for_inference: bool = False, **kwargs: Any) -> None:
+        """`for_inference`: refuse weights whose shapes differ from the model's (Detectron2 skips
+        them with a warning, which fine-tuning wants but which leaves a predictor random)."""
         super().__init__(*args, **kwargs)
+        self.for_inference = for_inference
         self._loading_file = ""
         self._resuming = False
 
@@ -123,6 +126,8 @@ class CondInstCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         self._check_some_weights_loaded(incompatible, file_keys)
         self._check_most_weights_loaded(incompatible)
+        if self.for_inference and incompatible.incorrect_shapes:
+            raise ValueError(self._shape_mismatch_message(incompatible.incorrect_shapes))
         if self._resuming and incompatible.incorrect_shapes:
             key, file_shape, model_shape = incompatible.incorrect_shapes[0]
             raise ValueError(
@@ -132,6 +137,24 @@ class CondInstCheckpointer(DetectionCheckpointer):
                 "another number of classes); use another OUTPUT_DIR, or train without --resume"
             )
         return incompatible
+
+    def _shape_mismatch_message(self, incorrect_shapes: List[Tuple[str, tuple, tuple]]) -> str:
+        """Names the tensors of other shapes and the config key to set when it is the classes."""
+        listed = ", ".join(
+            f"{k!r} {tuple(f)} in the file vs {tuple(m)}" for k, f, m in incorrect_shapes[:3]
+        )
+        more = f" and {len(incorrect_shapes) - 3} more" if len(incorrect_shapes) > 3 else ""
+        classes = [f[0] for k, f, _ in incorrect_shapes if k.endswith("cls_logits.weight")]
+        hint = (
+            f"the file has {classes[0]} classes: set MODEL.FCOS.NUM_CLASSES {classes[0]}, or use "
+            "the config.yaml of its training run"
+            if classes
+            else "use the config the file was trained with (backbone depth, head widths)"
+        )
+        return (
+            f"weights {self._loading_file!r} do not fit this config: {listed}{more} in the model; "
+            f"{hint}"
+        )
 
     def _check_is_state_dict(self, checkpoint: Any) -> None:
         """Raises ValueError naming the file unless its "model" maps names to arrays."""
