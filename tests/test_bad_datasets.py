@@ -183,6 +183,19 @@ def test_test_set_annotations_cocoeval_cannot_read_are_refused(
         build_cfg(SMALL, [], train_dataset=(path, images), test_dataset=(path, images))
 
 
+def test_box_only_test_set_is_evaluated_on_boxes(split, tmp_path):
+    """No annotation has a mask: a box-only set (BoxInst's), registered for bbox evaluation; one
+    annotation without a mask among masked ones is still refused above."""
+    data, images = split
+    data = json.loads(json.dumps(data))
+    for ann in data["annotations"]:
+        del ann["segmentation"]
+    path = _write(tmp_path, data, "boxes_only.json")
+    cfg = build_cfg(SMALL, [], test_dataset=(path, images))
+    evaluator = Trainer.build_evaluator(cfg, cfg.DATASETS.TEST[0], str(tmp_path / "eval"))
+    assert evaluator._tasks == ("bbox",)
+
+
 def test_rle_masks_switch_to_bitmask_and_train(split, tmp_path):
     data, images = split
     data = json.loads(json.dumps(data))

@@ -38,6 +38,11 @@ def check_coco_json(data: Mapping[str, Any], json_file: str, evaluated: bool) ->
     if not evaluated and not data["annotations"]:
         raise ValueError(f"{json_file!r} has no annotations: there is nothing to train on")
     images = _check_images(data["images"], json_file)
+    # A set without any mask is box-only (BoxInst's data; evaluated on boxes): COCOeval's segm
+    # task, which needs every annotation's mask, does not run on it.
+    masks_evaluated = evaluated and any(
+        isinstance(a, dict) and a.get("segmentation") is not None for a in data["annotations"]
+    )
     seen: Set[Any] = set()
     orphans, polygons = [], []
     for ann in data["annotations"]:
@@ -55,7 +60,7 @@ def check_coco_json(data: Mapping[str, Any], json_file: str, evaluated: bool) ->
             continue
         _check_bbox(ann, where)
         segm = ann.get("segmentation")
-        _check_segmentation(segm, image, where, evaluated)
+        _check_segmentation(segm, image, where, masks_evaluated)
         if isinstance(segm, list):
             polygons += [(where, image, polygon) for polygon in segm]
         if evaluated and not _is_number(ann.get("area")):
