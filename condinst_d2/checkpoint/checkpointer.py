@@ -141,7 +141,8 @@ class CondInstCheckpointer(DetectionCheckpointer):
     def _shape_mismatch_message(self, incorrect_shapes: List[Tuple[str, tuple, tuple]]) -> str:
         """Names the tensors of other shapes and the config key to set when it is the classes."""
         listed = ", ".join(
-            f"{k!r} {tuple(f)} in the file vs {tuple(m)}" for k, f, m in incorrect_shapes[:3]
+            f"{k!r} {tuple(f)} in the file, {tuple(m)} in the model"
+            for k, f, m in incorrect_shapes[:3]
         )
         more = f" and {len(incorrect_shapes) - 3} more" if len(incorrect_shapes) > 3 else ""
         classes = [f[0] for k, f, _ in incorrect_shapes if k.endswith("cls_logits.weight")]
@@ -151,10 +152,7 @@ class CondInstCheckpointer(DetectionCheckpointer):
             if classes
             else "use the config the file was trained with (backbone depth, head widths)"
         )
-        return (
-            f"weights {self._loading_file!r} do not fit this config: {listed}{more} in the model; "
-            f"{hint}"
-        )
+        return f"weights {self._loading_file!r} do not fit this config: {listed}{more}; {hint}"
 
     def _check_is_state_dict(self, checkpoint: Any) -> None:
         """Raises ValueError naming the file unless its "model" maps names to arrays."""
