@@ -9,7 +9,7 @@ The traced part is the library's own inference: `preprocess_image`, backbone, ma
 semantic head at inference), FCOS decoding and NMS (`candidates_single_level`,
 `select_over_all_levels`: ONNX NonMaxSuppression), the controller at the detections, the
 dynamic mask head and `rescale_detections`. The paste, `paste_masks_by_steps`, runs one mask at a
-time in an ONNX Loop appended to the traced graph, so that at most one mask exists as
+time in an ONNX Scan appended to the traced graph, so that at most one mask exists as
 full-size floats (D of them at 800x1216 would be 400 MB).
 """
 
@@ -142,13 +142,16 @@ def _prefixed(graph: onnx.GraphProto, prefix: str, keep: Dict[str, str]) -> List
     return nodes
 
 
-def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
+def _append_paste_scan(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
     """Replaces main's `mask_probs` and `image_hw` outputs by `masks` (D, H, W) bool, computed by
-    a Loop that runs `paste` on one detection at a time."""
+    a Scan that runs `paste` on one detection at a time.
+
+    A Scan, not a Loop: ONNX Runtime writes each Scan iteration's output straight into the final
+    (D, H, W) tensor, whereas a Loop keeps every iteration's output and concatenates them at the
+    end, holding the D masks twice."""
     graph = main.graph
     probs_in, image_hw_in, output_hw_in = (x.name for x in paste.graph.input)
     body_nodes = [
-        helper.make_node("Gather", ["mask_probs", "i"], ["paste/one"], axis=0),
         helper.make_node("Unsqueeze", ["paste/one", "paste/axis0"], [probs_in]),
         *_prefixed(
             paste.graph,
@@ -158,7 +161,6 @@ def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
         helper.make_node(
             "Squeeze", ["paste/" + paste.graph.output[0].name, "paste/axis0"], ["mask"]
         ),
-        helper.make_node("Identity", ["cond"], ["cond_out"]),
     ]
     initializers = [helper.make_tensor("paste/axis0", TensorProto.INT64, [1], [0])]
     for init in paste.graph.initializer:
@@ -168,15 +170,32 @@ def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
     body = helper.make_graph(
         body_nodes,
         "paste_one_mask",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["H", "W"]),
-        ],
+        [helper.make_tensor_value_info("paste/one", TensorProto.FLOAT, [1, "hm", "wm"])],
+        [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["H", "W"])],
         initializer=initializers,
+    )
+    # ONNX Runtime refuses a Scan over 0 detections: an If gives (0, H, W) for them instead.
+    masks_type = [helper.make_tensor_value_info("masks", TensorProto.BOOL, ["D", "H", "W"])]
+    scan = helper.make_graph(
+        [helper.make_node("Scan", ["mask_probs"], ["masks"], body=body, num_scan_inputs=1)],
+        "paste_all",
+        [],
+        masks_type,
+    )
+    empty = helper.make_graph(
+        [
+            helper.make_node("Concat", ["zero_1d", "output_hw"], ["empty_shape"], axis=0),
+            helper.make_node(
+                "ConstantOfShape",
+                ["empty_shape"],
+                ["masks"],
+                value=helper.make_tensor("false", TensorProto.BOOL, [1], [False]),
+            ),
+        ],
+        "no_masks",
+        [],
+        masks_type,
+        initializer=[helper.make_tensor("zero_1d", TensorProto.INT64, [1], [0])],
     )
     graph.node.extend(
         [
@@ -185,13 +204,11 @@ def _append_paste_loop(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
             helper.make_node(
                 "Constant",
                 [],
-                ["loop_cond"],
-                value=helper.make_tensor("loop_cond_value", TensorProto.BOOL, [], [True]),
+                ["no_mask"],
+                value=helper.make_tensor("zero", TensorProto.INT64, [], [0]),
             ),
-            helper.make_node("Loop", ["num_masks", "loop_cond"], ["loop_masks"], body=body),
-            # A Loop that runs 0 times gives a (0, 0, 0) scan output: make it (0, H, W).
-            helper.make_node("Concat", ["num_masks_1d", "output_hw"], ["masks_shape"], axis=0),
-            helper.make_node("Reshape", ["loop_masks", "masks_shape"], ["masks"], allowzero=1),
+            helper.make_node("Greater", ["num_masks", "no_mask"], ["any_mask"]),
+            helper.make_node("If", ["any_mask"], ["masks"], then_branch=scan, else_branch=empty),
         ]
     )
     kept = [o for o in graph.output if o.name not in ("mask_probs", "image_hw")]
@@ -237,7 +254,7 @@ def export_onnx(
         ["mask"],
         {"probs": {2: "hm", 3: "wm"}, "mask": {1: "H", 2: "W"}},
     )
-    _append_paste_loop(main, paste)
+    _append_paste_scan(main, paste)
     entries = {METADATA_MARKER: FORMAT_VERSION, **metadata}
     for key, value in entries.items():
         main.metadata_props.add(key=key, value=value)
