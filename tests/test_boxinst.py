@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
@@ -124,13 +125,36 @@ def test_projection_loss_is_dice_of_the_max_projections():
 
 def test_pairwise_loss_is_minus_log_probability_of_the_same_label():
     logits = torch.tensor([[[[0.0, 2.0, -30.0]]]])
-    loss = pairwise_loss(logits, 3, 1)  # (1, 8, 1, 3); neighbour 4 is the right one
+    right = torch.zeros(1, 8, 1, 3, dtype=torch.bool)  # neighbour 4 is the right one (dx=+1)
+    right[0, 4, 0, 0] = True
     p = torch.sigmoid(logits)[0, 0, 0]
     expected = -math.log(p[0] * p[1] + (1 - p[0]) * (1 - p[1]))
-    assert loss[0, 4, 0, 0].item() == pytest.approx(expected, rel=1e-6)
-    # outside the map the log-probabilities are zero-padded: such a pair costs nothing
-    assert loss[0, 4, 0, 2].item() == pytest.approx(0.0, abs=1e-6)
-    assert torch.isfinite(pairwise_loss(torch.tensor([[[[-1e4, 1e4]]]]), 3, 1)).all()
+    assert pairwise_loss(logits, right, 3, 1).item() == pytest.approx(expected, rel=1e-6)
+    # outside the map the log-probabilities are zero-padded: such a pair costs nothing but counts
+    right[0, 4, 0, 2] = True
+    assert pairwise_loss(logits, right, 3, 1).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert pairwise_loss(logits, torch.zeros_like(right), 3, 1).item() == 0.0
+    extreme = torch.tensor([[[[-1e4, 1e4]]]])
+    assert torch.isfinite(pairwise_loss(extreme, torch.ones(1, 8, 1, 2, dtype=torch.bool), 3, 1))
+
+
+def test_pairwise_loss_over_supervised_pairs_equals_the_weighted_dense_loss():
+    """The authors' form: the loss of every pixel and neighbour (zero-padded unfold), weighted by
+    the 0/1 supervision and averaged over it. Same value and gradient."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 1, 9, 11, generator=g) * 3).requires_grad_()
+    supervised = torch.rand(3, 8, 9, 11, generator=g) > 0.6
+    log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)
+    dense = -torch.logaddexp(
+        log_fg[:, :, None] + neighbours(log_fg, 3, 2), log_bg[:, :, None] + neighbours(log_bg, 3, 2)
+    )[:, 0]
+    weights = supervised.float()
+    expected = (dense * weights).sum() / weights.sum()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    ours = pairwise_loss(logits, supervised, 3, 2)
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
 
 
 def test_warmup_factor():

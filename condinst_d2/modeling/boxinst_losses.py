@@ -25,6 +25,7 @@ __all__ = [
     "BoxInstLoss",
     "box_bitmasks",
     "neighbours",
+    "neighbour_offsets",
     "rgb_to_lab",
     "color_similarity",
     "projection_loss",
@@ -105,20 +106,47 @@ def projection_loss(scores: torch.Tensor, box_masks: torch.Tensor) -> torch.Tens
     return (along_x + along_y).mean()
 
 
-def pairwise_loss(logits: torch.Tensor, size: int, dilation: int) -> torch.Tensor:
-    """-log P(p and q get the same label) = -log(sigma(l_p) sigma(l_q) + sigma(-l_p) sigma(-l_q))
-    for every pixel p and each of its E neighbours q, computed in log space. Outside the map the
-    log-probabilities are zero-padded (the authors' unfold), so such pairs cost 0.
+def neighbour_offsets(size: int, dilation: int) -> List[Tuple[int, int]]:
+    """The (dy, dx) of the E neighbours in `neighbours`' order: the dilated `size` x `size`
+    window, row-major, without its centre."""
+    radius = size // 2
+    window = [
+        (dilation * (i - radius), dilation * (j - radius)) for i in range(size) for j in range(size)
+    ]
+    return window[: len(window) // 2] + window[len(window) // 2 + 1 :]
+
+
+def pairwise_loss(
+    logits: torch.Tensor, supervised: torch.Tensor, size: int, dilation: int
+) -> torch.Tensor:
+    """Mean over the supervised pairs of -log P(p and q get the same label) =
+    -log(sigma(l_p) sigma(l_q) + sigma(-l_p) sigma(-l_q)), computed in log space; 0 without any.
+
+    A pair is a pixel p and its neighbour q = p + offset_e (`neighbour_offsets`). Only the
+    supervised pairs are evaluated (the authors evaluate all and weight them by 0 or 1: same sum,
+    a few times the work). A neighbour outside the map has zero log-probabilities (the authors'
+    zero-padded unfold), so such a pair costs 0 but counts.
 
     Args:
         logits: (R, 1, h, w) mask logits.
+        supervised: (R, E, h, w) bool, the pairs to count.
     Returns:
-        (R, E, h, w).
+        A scalar.
     """
-    log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)
-    same_fg = log_fg[:, :, None] + neighbours(log_fg, size, dilation)
-    same_bg = log_bg[:, :, None] + neighbours(log_bg, size, dilation)
-    return -torch.logaddexp(same_fg, same_bg)[:, 0]
+    _, _, h, w = logits.shape
+    r, e, y, x = supervised.nonzero(as_tuple=True)
+    if len(r) == 0:
+        return logits.sum() * 0.0
+    offsets = torch.tensor(neighbour_offsets(size, dilation), device=logits.device)  # (E, 2)
+    qy, qx = y + offsets[e, 0], x + offsets[e, 1]
+    inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+    p = (r * h + y) * w + x
+    q = (r * h + qy.clamp(0, h - 1)) * w + qx.clamp(0, w - 1)
+    log_fg, log_bg = F.logsigmoid(logits).flatten(), F.logsigmoid(-logits).flatten()
+    zero = log_fg.new_zeros(())
+    same_fg = log_fg[p] + torch.where(inside, log_fg[q], zero)
+    same_bg = log_bg[p] + torch.where(inside, log_bg[q], zero)
+    return -torch.logaddexp(same_fg, same_bg).sum() / len(r)
 
 
 def warmup_factor(iteration: Optional[int], warmup_iters: int) -> float:
@@ -250,9 +278,10 @@ class BoxInstLoss:
         box_masks = torch.cat([gt.gt_bitmasks for gt in gt_instances])[instances.gt_inds]
         box_masks = box_masks[:, None].to(mask_logits.dtype)  # (R, 1, h, w)
         similar = torch.cat([gt.image_color_similarity >= self.color_thresh for gt in gt_instances])
-        weights = similar[instances.gt_inds].to(mask_logits.dtype) * box_masks  # (R, E, h, w)
-        pairwise = pairwise_loss(mask_logits, self.pairwise_size, self.pairwise_dilation)
-        pairwise = (pairwise * weights).sum() / weights.sum().clamp(min=1.0)
+        supervised = similar[instances.gt_inds] & (box_masks > 0)  # (R, E, h, w)
+        pairwise = pairwise_loss(
+            mask_logits, supervised, self.pairwise_size, self.pairwise_dilation
+        )
         factor = warmup_factor(_training_iteration(), self.warmup_iters)
         return {
             "loss_prj": projection_loss(mask_logits.sigmoid(), box_masks),
