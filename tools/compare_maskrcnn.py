@@ -33,6 +33,9 @@ import warnings
 # ruff: noqa: E402
 warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
 warnings.filterwarnings("ignore", "__array__ implementation doesn't accept", DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", "pkg_resources is deprecated", UserWarning
+)  # detectron2.model_zoo
 
 import argparse
 import json
