@@ -35,6 +35,12 @@ def _tool():
     return module
 
 
+def _exits_with_one(tool, argv):
+    with pytest.raises(SystemExit) as exited:
+        tool.main(argv)
+    assert exited.value.code == 1
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
@@ -81,15 +87,15 @@ def test_user_mistakes_are_one_line(shapes, tmp_path, capsys):
     tool = _tool()
     missing = str(tmp_path / "missing.json")
     argv = ["--train-dataset", missing, train_dir, "--test-dataset", test, test_dir]
-    assert tool.main(argv + ["--output-dir", str(tmp_path)]) == 1
+    _exits_with_one(tool, argv + ["--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "missing.json" in err
 
-    assert tool.main(["--train-dataset", train, train_dir]) == 1
+    _exits_with_one(tool, ["--train-dataset", train, train_dir])
     assert "--test-dataset" in capsys.readouterr().err
 
     argv = ["--train-dataset", train, train_dir, "--test-dataset", test, test_dir]
-    assert tool.main(argv + ["SOLVER.MAX_ITER", "2", "--seeds", "2"]) == 1
+    _exits_with_one(tool, argv + ["SOLVER.MAX_ITER", "2", "--seeds", "2"])
     assert "--seeds after the KEY VALUE overrides" in capsys.readouterr().err
 
 

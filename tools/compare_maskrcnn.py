@@ -54,17 +54,13 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from condinst_d2.data.splits import write_one_class_split
-from condinst_d2.engine import (
-    Trainer,
-    build_cfg,
-    check_solver,
-    save_config,
-    save_results,
-    user_error_message,
-)
+from condinst_d2.engine import Trainer, build_cfg, check_solver, save_config, save_results
 from condinst_d2.utils import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train_net import reporting  # its one-line report of a user's mistake, exit status 1
+
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "CondInst", "EfficientNetLite0_CPU.yaml")
 MASK_RCNN_BASE = "Base-RCNN-FPN.yaml"  # Detectron2's FPN R-CNN: its MODEL section (heads, RPN)
 BACKBONE_SECTIONS = ("BACKBONE", "RESNETS", "FPN")  # of the CondInst config instead
@@ -294,16 +290,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the tool; a user's mistake is one line on stderr and exit status 1."""
+    """Runs the tool; a user's mistake is one line on stderr and exit status 1 (SystemExit)."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except Exception as e:
-        message = None if args.debug else user_error_message(e)
-        if message is None:
-            raise
-        sys.stderr.write(message + "\n")
-        return 1
+    return reporting(run, args)
 
 
 if __name__ == "__main__":
