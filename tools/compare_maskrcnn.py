@@ -113,8 +113,6 @@ def build_configs(args: argparse.Namespace, seed: int) -> Dict[str, CfgNode]:
     heads = mask_rcnn_opts(condinst.MODEL.FCOS.NUM_CLASSES, args.box_fc_dim, args.mask_conv_dim)
     # The user's overrides come last, so that they can change Mask R-CNN's heads too.
     mask_rcnn = build_cfg(args.config_file, heads + run_opts("mask_rcnn"), **datasets)
-    if not condinst.DATASETS.TEST:
-        raise ValueError("no test dataset: give --test-dataset JSON IMAGE_ROOT")
     for cfg in (condinst, mask_rcnn):
         check_solver(cfg)
     return {"condinst": condinst, "mask_rcnn": mask_rcnn}
