@@ -75,6 +75,9 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.CHANNELS_LAST = (
         True  # inference in channels-last layout (equal up to rounding; False: bit-exact)
     )
+    # Predictor: fold frozen / eval-mode batch norms into their convs (equal up to rounding, which
+    # can swap near-tied detections; off: the authors' outputs)
+    _C.FOLD_BATCHNORM = False
 
     _C.MASK_HEAD = CN()
     _C.MASK_HEAD.CHANNELS = 8  # channels of the dynamic mask head's hidden layers
