@@ -20,6 +20,7 @@ and peak memory at --large-size (own process).
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -44,6 +45,7 @@ from detectron2.utils.events import EventStorage
 from condinst_d2.config import get_condinst_cfg
 from condinst_d2.export import export_onnx
 from condinst_d2.modeling.dynamic_mask_head import pack_dynamic_params
+from condinst_d2.modeling.fold_batchnorm import fold_batchnorm
 from condinst_d2.modeling.layers import compute_locations
 from condinst_d2.modeling.postprocessing import paste_masks, paste_masks_by_steps
 from condinst_onnx import CondInstOnnx
@@ -363,15 +365,37 @@ def ablations(condinst, repeats: int, size) -> Dict[str, Dict[str, float]]:
     return {"paste_100_masks": paste, "conv3x3_256": layouts}
 
 
-def conv_throughput(repeats: int) -> float:
+@torch.no_grad()
+def inference_options(condinst, repeats: int, size) -> Dict[str, float]:
+    """CondInst end to end on the same image: as built (float32), with its batch norms folded
+    (MODEL.CONDINST.FOLD_BATCHNORM) and with its backbone in bf16 (MODEL.CONDINST.BF16_BACKBONE)."""
+    folded = copy.deepcopy(condinst)
+    fold_batchnorm(folded)
+    bf16 = copy.deepcopy(condinst)
+    bf16.bf16_backbone = True  # what the config key sets at build
+    inputs = [{"image": image(*size)}]
+    times = interleaved(
+        {"float32": lambda: condinst(inputs), "folded": lambda: folded(inputs)}, repeats
+    )
+    # Without bf16 hardware a run takes many times longer: fewer repeats.
+    times["bf16_backbone"] = median_time(lambda: bf16(inputs), max(1, repeats // 5))
+    return times
+
+
+def conv_throughput(repeats: int, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of a large 3x3 conv (256 -> 256 channels on 100x152) in its faster memory layout:
-    this machine's reference rate."""
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
-    x = torch.randn(1, 256, 100, 152)
+    this machine's reference rate in `dtype`. bfloat16 is timed in channels-last only: without
+    bf16 hardware, its standard layout falls back to a path about 40x slower still."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype)
+    x = torch.randn(1, 256, 100, 152, dtype=dtype)
+    layouts = (
+        [torch.channels_last]
+        if dtype == torch.bfloat16
+        else [torch.contiguous_format, torch.channels_last]
+    )
     with torch.no_grad():
         seconds = min(
-            median_time(lambda: conv(x), repeats),
-            median_time(lambda: conv(x.contiguous(memory_format=torch.channels_last)), repeats),
+            median_time(lambda f=f: conv(x.contiguous(memory_format=f)), repeats) for f in layouts
         )
     return 2 * 256 * 256 * 9 * 100 * 152 / seconds
 
@@ -572,6 +596,13 @@ def report(r: Dict) -> str:
         f"  3x3 conv 256 ch: {conv['channels_last'] * 1e3:.1f} ms channels-last vs {conv['standard'] * 1e3:.1f} ms "
         f"standard layout ({conv['standard'] / conv['channels_last']:.2f}x)"
     )
+    opts = r["ablations"]["inference_options"]
+    rows.append(
+        f"  inference options, end to end: {opts['float32'] * 1e3:.0f} ms float32, "
+        f"{opts['folded'] * 1e3:.0f} ms batch norms folded ({opts['float32'] / opts['folded']:.2f}x), "
+        f"{opts['bf16_backbone'] * 1e3:.0f} ms bf16 backbone ({opts['float32'] / opts['bf16_backbone']:.2f}x; "
+        f"3x3 conv {hw['conv_gflops_bf16']:.0f} GFLOP/s in bf16 vs {hw['conv_gflops']:.0f} in float32)"
+    )
     if "onnx" in r:
         rows += ["", *onnx_report(r["onnx"], size, large)]
     return "\n".join(rows)
@@ -643,11 +674,13 @@ def run(threads: int, repeats: int, size=SIZE, large_size=LARGE, onnx: bool = Fa
     _progress("training", r["training"])
     r["hardware"] = {
         "conv_gflops": conv_throughput(repeats) / 1e9,
+        "conv_gflops_bf16": conv_throughput(max(1, repeats // 5), torch.bfloat16) / 1e9,
         "condinst_gflops": flops(models["condinst"], size) / 1e9,
         "mask_rcnn_gflops": flops(models["mask_rcnn"], size) / 1e9,
     }
     _progress("hardware", r["hardware"])
     r["ablations"] = ablations(models["condinst"], repeats, size)
+    r["ablations"]["inference_options"] = inference_options(models["condinst"], repeats, size)
     _progress("ablations", r["ablations"])
     r["peak_memory_mib"] = {n: peak_memory(n, large_size) for n in models}
     if onnx:
