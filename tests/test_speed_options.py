@@ -1,6 +1,7 @@
-"""The opt-in inference options: fold_batchnorm (MODEL.CONDINST.FOLD_BATCHNORM) gives the same
+"""The opt-in speed options: fold_batchnorm (MODEL.CONDINST.FOLD_BATCHNORM) gives the same
 predictions up to float rounding, and the bf16 backbone (MODEL.CONDINST.BF16_BACKBONE) runs and
-finds the same objects, on the authors' tiny fixture models."""
+finds the same objects, on the authors' tiny fixture models; training runs under autocast
+(SOLVER.AMP's path, on a GPU), which SOLVER.AMP refuses on a CPU."""
 
 import copy
 
@@ -12,10 +13,11 @@ from detectron2.structures import pairwise_iou
 from torch import nn
 
 from condinst_d2.checkpoint import CondInstCheckpointer
+from condinst_d2.engine import check_solver
 from condinst_d2.modeling.fold_batchnorm import fold_batchnorm
 from condinst_d2.predictor import Predictor
 
-from helpers import condinst_cfg, inference_cases, require_fixtures, small_cfg
+from helpers import condinst_cfg, inference_cases, load_train_batch, require_fixtures, small_cfg
 
 
 def _norms(model: nn.Module) -> int:
@@ -75,3 +77,26 @@ def test_bf16_backbone_finds_the_same_objects():
     assert out.pred_masks.shape[1:] == ref.pred_masks.shape[1:]
     assert len(out) > 50 and abs(len(out) - len(ref)) <= 5
     assert (pairwise_iou(ref.pred_boxes[:5], out.pred_boxes).max(dim=1).values > 0.5).all()
+
+
+def test_training_runs_under_autocast_with_close_losses():
+    """AMPTrainer runs the model's forward under autocast (float16 on a GPU); here bfloat16 on
+    the CPU: every loss stays float32, finite and within bf16's precision of float32's."""
+    model = _fixture_model("tiny_base").train()
+    batch = load_train_batch(require_fixtures() / "tiny_base")
+    torch.manual_seed(0)
+    ref = model(batch)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert set(losses) == set(ref)
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        torch.testing.assert_close(loss, ref[name], rtol=0.05, atol=0.02, msg=name)
+
+
+def test_amp_on_a_cpu_is_refused_with_a_clear_message():
+    cfg = small_cfg(**{"SOLVER.AMP.ENABLED": True})
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a CUDA GPU"):
+        check_solver(cfg)
