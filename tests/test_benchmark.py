@@ -30,7 +30,7 @@ def test_benchmark_runs_and_reports_all_measurements(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,  # minutes on a shared 2-core machine
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(out.read_text())
