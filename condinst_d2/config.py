@@ -75,6 +75,12 @@ def _add_condinst_config(cfg: CN) -> None:
     _C.CHANNELS_LAST = (
         True  # inference in channels-last layout (equal up to rounding; False: bit-exact)
     )
+    # Predictor: fold frozen / eval-mode batch norms into their convs (equal up to rounding, which
+    # can swap near-tied detections; off: the authors' outputs)
+    _C.FOLD_BATCHNORM = False
+    # inference: the backbone + FPN under bfloat16 autocast (heads in float32); faster only with
+    # bf16 hardware (AVX-512-BF16 / AMX CPUs, recent GPUs); off: float32
+    _C.BF16_BACKBONE = False
 
     _C.MASK_HEAD = CN()
     _C.MASK_HEAD.CHANNELS = 8  # channels of the dynamic mask head's hidden layers

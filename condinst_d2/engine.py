@@ -129,6 +129,11 @@ def check_solver(cfg: CfgNode) -> None:
         raise ValueError(f"INPUT.MASK_FORMAT is {cfg.INPUT.MASK_FORMAT!r}; use polygon or bitmask")
     if not 0 < cfg.SOLVER.BASE_LR < float("inf"):
         raise ValueError(f"SOLVER.BASE_LR is {cfg.SOLVER.BASE_LR}; it must be a positive number")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED needs a CUDA GPU (Detectron2's AMPTrainer); MODEL.DEVICE is "
+            f"{cfg.MODEL.DEVICE!r}: set SOLVER.AMP.ENABLED False"
+        )
     if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by the "

@@ -24,6 +24,7 @@ from .checkpoint import CondInstCheckpointer
 from .classes import get_class_names, inference_config, is_backbone_init
 from .config import get_condinst_cfg
 from .data import read_image
+from .modeling.fold_batchnorm import fold_batchnorm
 
 __all__ = ["Prediction", "Predictor", "find_checkpoint"]
 
@@ -81,6 +82,8 @@ class Predictor(DefaultPredictor):
         self.model = build_model(self.cfg).eval()
         if self.cfg.MODEL.WEIGHTS:
             CondInstCheckpointer(self.model, for_inference=True).load(self.cfg.MODEL.WEIGHTS)
+        if self.cfg.MODEL.CONDINST.FOLD_BATCHNORM:
+            fold_batchnorm(self.model)
         self.class_names = get_class_names(self.cfg, read_checkpoint=False)
         self.metadata = Metadata(name="condinst_d2", thing_classes=self.class_names)
         min_size, max_size = self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST

@@ -20,6 +20,7 @@ and peak memory at --large-size (own process).
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import onnxruntime
@@ -44,6 +45,7 @@ from detectron2.utils.events import EventStorage
 from condinst_d2.config import get_condinst_cfg
 from condinst_d2.export import export_onnx
 from condinst_d2.modeling.dynamic_mask_head import pack_dynamic_params
+from condinst_d2.modeling.fold_batchnorm import fold_batchnorm
 from condinst_d2.modeling.layers import compute_locations
 from condinst_d2.modeling.postprocessing import paste_masks, paste_masks_by_steps
 from condinst_onnx import CondInstOnnx
@@ -54,26 +56,35 @@ MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 SIZE = (800, 1216)  # end-to-end and mask-stage input (H, W)
 LARGE = (2500, 1800)  # peak-memory input (H, W)
 DETECTIONS = 100
+LOGIT_STD = 2.0  # spread of the calibrated random models' class logits (`_calibrate_classifier`)
 
 
-def build(name: str) -> torch.nn.Module:
-    """A randomly initialised CPU model that keeps exactly its top 100 detections."""
+def build(
+    name: str, calibration_image: Optional[torch.Tensor]
+) -> Tuple[torch.nn.Module, Optional[int]]:
+    """A randomly initialised CPU model at its trained default score threshold (0.05),
+    calibrated on `calibration_image` (3, H, W) to keep its top 100 detections there (None:
+    class scores left random, for loading calibrated weights).
+
+    Returns:
+        The model, and its number of candidates above the threshold before NMS (or None).
+    """
     cpu_random = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
     if name == "condinst":
-        # Random weights: keep every candidate.
-        cfg = get_condinst_cfg(CONDINST_CONFIG, cpu_random + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
+        cfg = get_condinst_cfg(CONDINST_CONFIG, cpu_random)
     else:
         cfg = get_cfg()
         cfg.merge_from_file(model_zoo.get_config_file(MASK_RCNN_CONFIG))
-        cfg.merge_from_list(cpu_random + ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+        cfg.merge_from_list(cpu_random)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     # Random weights regress degenerate boxes (FCOS: zero size, dropped by postprocessing; Mask
     # R-CNN: saturated deltas, i.e. near-identical boxes that NMS merges). Calibrating the box
-    # regressors gives both models real, varied boxes, so each keeps its top 100 detections.
+    # regressors gives both models real, varied boxes.
     if name == "condinst":
         torch.nn.init.constant_(model.proposal_generator.fcos_head.bbox_pred.bias, 2.0)
         _local_masks(model)
+        record = _condinst_classifier
     else:
         for layer in (
             model.proposal_generator.rpn_head.anchor_deltas,
@@ -81,7 +92,90 @@ def build(name: str) -> torch.nn.Module:
         ):
             torch.nn.init.zeros_(layer.weight)
             torch.nn.init.zeros_(layer.bias)
-    return model
+        record = _mask_rcnn_classifier
+    if calibration_image is None:
+        return model, None
+    return model, _calibrate_classifier(record(model, calibration_image))
+
+
+class _Classifier(NamedTuple):
+    """A random model's class scores on one image, recorded for `_calibrate_classifier`."""
+
+    layer: torch.nn.Module  # the last layer of the classifier (FCOS cls_logits, cls_score)
+    logits: torch.Tensor  # (M, C) its outputs less its bias, over all locations or boxes
+    softmax: bool  # scores: softmax over C = K + 1 (background last), or sigmoid of C = K
+    threshold: float  # the model's score threshold
+    detections: Callable[[float, torch.Tensor], int]  # (weight scale, new bias) -> detections
+
+
+def _record(module: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor):
+    """(inputs, output) of `module`'s call in one inference of `model` on image x."""
+    calls = []
+    handle = module.register_forward_hook(lambda m, inputs, out: calls.append((inputs, out)))
+    model([{"image": x}])
+    handle.remove()
+    return calls[0]
+
+
+def _condinst_classifier(model: torch.nn.Module, x: torch.Tensor) -> _Classifier:
+    fcos = model.proposal_generator
+    layer = fcos.fcos_head.cls_logits
+    (feats,), out = _record(fcos.fcos_head, model, x)
+    raw = [level - layer.bias[:, None, None] for level in out.logits]  # L x (1, K, Hl, Wl)
+
+    def detections(scale: float, bias: torch.Tensor) -> int:
+        logits = [level * scale + bias[:, None, None] for level in raw]
+        outputs = out._replace(logits=logits)
+        return len(fcos.inference(outputs, fcos.level_locations(feats), [x.shape[-2:]])[0])
+
+    flat = torch.cat([level[0].flatten(1).T for level in raw])
+    return _Classifier(layer, flat, False, fcos.score_thresh, detections)
+
+
+def _mask_rcnn_classifier(model: torch.nn.Module, x: torch.Tensor) -> _Classifier:
+    predictor = model.roi_heads.box_predictor
+    (_, _, proposals, _), _ = _record(model.roi_heads, model, x)
+    _, (scores, deltas) = _record(predictor, model, x)
+    raw = scores - predictor.cls_score.bias
+
+    def detections(scale: float, bias: torch.Tensor) -> int:
+        return len(predictor.inference((raw * scale + bias, deltas), proposals)[0][0])
+
+    return _Classifier(predictor.cls_score, raw, True, predictor.test_score_thresh, detections)
+
+
+@torch.no_grad()
+def _calibrate_classifier(c: _Classifier) -> int:
+    """Sets a random model's class scores as a trained one's: logits spread (std LOGIT_STD), and
+    the fewest candidates (location or box, class pairs above the default threshold) from which
+    NMS keeps DETECTIONS detections. The logits are linear in the layer's weights, so the recorded
+    ones give the detections under rescaled weights and any foreground bias exactly; the bias is
+    bisected on them.
+
+    Returns:
+        The number of candidates.
+    """
+    num_classes = c.logits.shape[1] - 1 if c.softmax else c.logits.shape[1]
+    scale = LOGIT_STD / float(c.logits[:, :num_classes].std())
+    bias = torch.zeros(c.logits.shape[1])
+
+    def with_bias(value: float) -> torch.Tensor:
+        bias[:num_classes] = value
+        return bias
+
+    low, high = -50.0, 50.0  # fewer than DETECTIONS detections at `low`, enough at `high`
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        if c.detections(scale, with_bias(mid)) < DETECTIONS:
+            low = mid
+        else:
+            high = mid
+    c.layer.weight.mul_(scale)
+    # A margin over the rounding of the rescaled layer; more candidates still give DETECTIONS.
+    c.layer.bias.copy_(with_bias(high + 0.01))
+    logits = c.logits * scale + bias
+    scores = logits.softmax(1)[:, :-1] if c.softmax else logits.sigmoid()
+    return int((scores > c.threshold).sum())
 
 
 def _local_masks(model) -> None:
@@ -271,15 +365,37 @@ def ablations(condinst, repeats: int, size) -> Dict[str, Dict[str, float]]:
     return {"paste_100_masks": paste, "conv3x3_256": layouts}
 
 
-def conv_throughput(repeats: int) -> float:
+@torch.no_grad()
+def inference_options(condinst, repeats: int, size) -> Dict[str, float]:
+    """CondInst end to end on the same image: as built (float32), with its batch norms folded
+    (MODEL.CONDINST.FOLD_BATCHNORM) and with its backbone in bf16 (MODEL.CONDINST.BF16_BACKBONE)."""
+    folded = copy.deepcopy(condinst)
+    fold_batchnorm(folded)
+    bf16 = copy.deepcopy(condinst)
+    bf16.bf16_backbone = True  # what the config key sets at build
+    inputs = [{"image": image(*size)}]
+    times = interleaved(
+        {"float32": lambda: condinst(inputs), "folded": lambda: folded(inputs)}, repeats
+    )
+    # Without bf16 hardware a run takes many times longer: fewer repeats.
+    times["bf16_backbone"] = median_time(lambda: bf16(inputs), max(1, repeats // 5))
+    return times
+
+
+def conv_throughput(repeats: int, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of a large 3x3 conv (256 -> 256 channels on 100x152) in its faster memory layout:
-    this machine's reference rate."""
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1)
-    x = torch.randn(1, 256, 100, 152)
+    this machine's reference rate in `dtype`. bfloat16 is timed in channels-last only: without
+    bf16 hardware, its standard layout falls back to a path about 40x slower still."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype)
+    x = torch.randn(1, 256, 100, 152, dtype=dtype)
+    layouts = (
+        [torch.channels_last]
+        if dtype == torch.bfloat16
+        else [torch.contiguous_format, torch.channels_last]
+    )
     with torch.no_grad():
         seconds = min(
-            median_time(lambda: conv(x), repeats),
-            median_time(lambda: conv(x.contiguous(memory_format=torch.channels_last)), repeats),
+            median_time(lambda f=f: conv(x.contiguous(memory_format=f)), repeats) for f in layouts
         )
     return 2 * 256 * 256 * 9 * 100 * 152 / seconds
 
@@ -293,9 +409,18 @@ def flops(model, size) -> float:
 
 
 def peak_memory(name: str, size, onnx_file: Optional[str] = None) -> float:
-    """MiB of peak resident memory added by one inference on an image of `size` (own process);
-    name "onnx": ONNX Runtime on `onnx_file`."""
-    extra = ["--onnx-file", onnx_file] if onnx_file else []
+    """MiB of peak resident memory added by one inference on an image of `size` (own process):
+    `build(name)` calibrated on that image, or with name "onnx" ONNX Runtime on `onnx_file`."""
+    if name == "onnx":
+        return _run_memory_worker(name, size, ["--onnx-file", onnx_file])
+    with tempfile.TemporaryDirectory() as folder:
+        # Calibrated here: the worker's only inference is the one measured.
+        weights = os.path.join(folder, "calibrated.pth")
+        torch.save(build(name, image(*size))[0].state_dict(), weights)
+        return _run_memory_worker(name, size, ["--weights-file", weights])
+
+
+def _run_memory_worker(name: str, size, extra: List[str]) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-worker", name, "--large-size", *map(str, size)]
         + extra,
@@ -313,16 +438,17 @@ def _resident_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _memory_worker(name: str, size, onnx_file: Optional[str], threads: int) -> None:
+def _memory_worker(name: str, size, model_file: str, threads: int) -> None:
     # VmHWM, unlike getrusage's ru_maxrss, does not inherit the parent's peak across fork + exec.
     if name == "onnx":
-        runtime = CondInstOnnx(onnx_file, threads=threads)
+        runtime = CondInstOnnx(model_file, threads=threads)
         x = image(*size).round().to(torch.uint8).numpy()
         before = _resident_mib("VmRSS")
         detections = len(runtime.run(x, size).scores)
         print(json.dumps({"peak_mib": _resident_mib("VmHWM") - before, "detections": detections}))
         return
-    model = build(name)
+    model, _ = build(name, None)
+    model.load_state_dict(torch.load(model_file))
     x = image(*size)
     before = _resident_mib("VmRSS")
     with torch.no_grad():
@@ -455,6 +581,8 @@ def report(r: Dict) -> str:
         f"{floor_ratio:.2f} ({_verdict(floor_ratio, TARGETS['flop_floor'])}) "
         f"(Mask R-CNN: {hw['mask_rcnn_gflops']:.0f} GFLOPs, "
         f"{e2e['mask_rcnn']['seconds'] / (hw['mask_rcnn_gflops'] / hw['conv_gflops']):.2f})",
+        f"score threshold 0.05 (both models' default); candidates before NMS at {size[0]}x{size[1]}: "
+        f"CondInst {e2e['condinst']['candidates']}, Mask R-CNN {e2e['mask_rcnn']['candidates']}",
         f"threads: {r['threads']}, repeats: {r['repeats']}, torch {torch.__version__}",
         "",
         "CondInst speed-ups against what they replace (same inputs, same run):",
@@ -467,6 +595,13 @@ def report(r: Dict) -> str:
     rows.append(
         f"  3x3 conv 256 ch: {conv['channels_last'] * 1e3:.1f} ms channels-last vs {conv['standard'] * 1e3:.1f} ms "
         f"standard layout ({conv['standard'] / conv['channels_last']:.2f}x)"
+    )
+    opts = r["ablations"]["inference_options"]
+    rows.append(
+        f"  inference options, end to end: {opts['float32'] * 1e3:.0f} ms float32, "
+        f"{opts['folded'] * 1e3:.0f} ms batch norms folded ({opts['float32'] / opts['folded']:.2f}x), "
+        f"{opts['bf16_backbone'] * 1e3:.0f} ms bf16 backbone ({opts['float32'] / opts['bf16_backbone']:.2f}x; "
+        f"3x3 conv {hw['conv_gflops_bf16']:.0f} GFLOP/s in bf16 vs {hw['conv_gflops']:.0f} in float32)"
     )
     if "onnx" in r:
         rows += ["", *onnx_report(r["onnx"], size, large)]
@@ -523,9 +658,12 @@ def _progress(what: str, value) -> None:
 def run(threads: int, repeats: int, size=SIZE, large_size=LARGE, onnx: bool = False) -> Dict:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    models = {"condinst": build("condinst"), "mask_rcnn": build("mask_rcnn")}
+    built = {name: build(name, image(*size)) for name in ("condinst", "mask_rcnn")}
+    models = {name: model for name, (model, _) in built.items()}
     r = {"threads": threads, "repeats": repeats, "size": list(size), "large_size": list(large_size)}
     r["end_to_end"] = end_to_end(models, repeats, size)
+    for name, (_, candidates) in built.items():
+        r["end_to_end"][name]["candidates"] = candidates
     _progress("end to end", r["end_to_end"])
     r["mask_stage"] = mask_stage(models["condinst"], models["mask_rcnn"], repeats, size)
     r["slope_ms"] = {
@@ -536,11 +674,13 @@ def run(threads: int, repeats: int, size=SIZE, large_size=LARGE, onnx: bool = Fa
     _progress("training", r["training"])
     r["hardware"] = {
         "conv_gflops": conv_throughput(repeats) / 1e9,
+        "conv_gflops_bf16": conv_throughput(max(1, repeats // 5), torch.bfloat16) / 1e9,
         "condinst_gflops": flops(models["condinst"], size) / 1e9,
         "mask_rcnn_gflops": flops(models["mask_rcnn"], size) / 1e9,
     }
     _progress("hardware", r["hardware"])
     r["ablations"] = ablations(models["condinst"], repeats, size)
+    r["ablations"]["inference_options"] = inference_options(models["condinst"], repeats, size)
     _progress("ablations", r["ablations"])
     r["peak_memory_mib"] = {n: peak_memory(n, large_size) for n in models}
     if onnx:
@@ -577,10 +717,12 @@ def main(argv=None) -> int:
         "--memory-worker", choices=["condinst", "mask_rcnn", "onnx"], help=argparse.SUPPRESS
     )
     parser.add_argument("--onnx-file", help=argparse.SUPPRESS)
+    parser.add_argument("--weights-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
         torch.set_num_threads(args.threads)
-        _memory_worker(args.memory_worker, args.large_size, args.onnx_file, args.threads)
+        model_file = args.onnx_file if args.memory_worker == "onnx" else args.weights_file
+        _memory_worker(args.memory_worker, args.large_size, model_file, args.threads)
         return 0
     results = run(args.threads, args.repeats, tuple(args.size), tuple(args.large_size), args.onnx)
     print(report(results))

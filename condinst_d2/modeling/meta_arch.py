@@ -88,6 +88,7 @@ class CondInst(nn.Module):
         mask_nms_post_topk: int = 100,
         mask_threshold: float = 0.5,
         channels_last: bool = False,
+        bf16_backbone: bool = False,
     ):
         """
         Args:
@@ -101,6 +102,10 @@ class CondInst(nn.Module):
                 runs in that layout, which cuDNN prefers (results equal up to rounding; on the
                 benchmark's CPU a 256-channel conv was as fast in either layout). Training keeps
                 the standard layout, whose gradients match the authors'.
+            bf16_backbone: at inference, run the backbone (with its FPN) under bfloat16 autocast
+                on the model's device, its features then cast back to float32 for the heads and
+                the decoding. Faster only where the hardware has bf16 arithmetic (AVX-512-BF16,
+                AMX, recent GPUs); outputs differ from float32's.
         """
         super().__init__()
         self.backbone = backbone
@@ -114,6 +119,7 @@ class CondInst(nn.Module):
         self.mask_nms_post_topk = mask_nms_post_topk
         self.mask_threshold = mask_threshold
         self.channels_last = channels_last
+        self.bf16_backbone = bf16_backbone
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -144,6 +150,7 @@ class CondInst(nn.Module):
             "mask_nms_thresh": ci.MASK_NMS_TH,
             "mask_nms_post_topk": ci.MASK_NMS_POST_TOPK,
             "channels_last": ci.CHANNELS_LAST,
+            "bf16_backbone": ci.BF16_BACKBONE,
         }
 
     @property
@@ -160,9 +167,11 @@ class CondInst(nn.Module):
             pred_boxes, scores, pred_classes and pred_masks (D, H, W) bool.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
         if self.training:
-            return self.forward_training(batched_inputs, images, features)
+            return self.forward_training(batched_inputs, images, self.backbone(images.tensor))
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16_backbone):
+            features = self.backbone(images.tensor)
+        features = {name: x.float() for name, x in features.items()}
         return self.forward_inference(batched_inputs, images, features)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:

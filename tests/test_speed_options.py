@@ -1,0 +1,102 @@
+"""The opt-in speed options: fold_batchnorm (MODEL.CONDINST.FOLD_BATCHNORM) gives the same
+predictions up to float rounding, and the bf16 backbone (MODEL.CONDINST.BF16_BACKBONE) runs and
+finds the same objects, on the authors' tiny fixture models; training runs under autocast
+(SOLVER.AMP's path, on a GPU), which SOLVER.AMP refuses on a CPU."""
+
+import copy
+
+import pytest
+import torch
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.structures import pairwise_iou
+from torch import nn
+
+from condinst_d2.checkpoint import CondInstCheckpointer
+from condinst_d2.engine import check_solver
+from condinst_d2.modeling.fold_batchnorm import fold_batchnorm
+from condinst_d2.predictor import Predictor
+
+from helpers import condinst_cfg, inference_cases, load_train_batch, require_fixtures, small_cfg
+
+
+def _norms(model: nn.Module) -> int:
+    return sum(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in model.modules())
+
+
+def _fixture_model(case: str) -> nn.Module:
+    case_dir = require_fixtures() / case
+    model = build_model(condinst_cfg(case_dir / "config_condinst.yaml"))
+    CondInstCheckpointer(model).load(str(case_dir / "model.pth"))
+    return model.eval()
+
+
+def _predict(model: nn.Module, case: str):
+    _, image, _ = next(iter(inference_cases(require_fixtures() / case)))
+    with torch.no_grad():
+        return model([{"image": torch.as_tensor(image).float()}])[0]["instances"]
+
+
+def test_folded_model_predicts_the_same_up_to_rounding():
+    model = _fixture_model("tiny_sem")
+    folded = copy.deepcopy(model)
+    norms = _norms(model)
+    assert norms > 20  # the backbone's FrozenBNs and the mask branch's BNs
+    assert fold_batchnorm(folded) == norms and _norms(folded) == 0
+    ref, out = _predict(model, "tiny_sem"), _predict(folded, "tiny_sem")
+    assert len(out) == len(ref) > 10
+    torch.testing.assert_close(out.scores, ref.scores, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=0, atol=1e-2)
+    assert (out.pred_masks == ref.pred_masks).float().mean() > 0.9999
+
+
+def test_fold_refuses_a_training_model_and_keeps_group_norm():
+    model = build_model(small_cfg())
+    with pytest.raises(ValueError, match="model.eval"):
+        fold_batchnorm(model)
+    group_norms = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    fold_batchnorm(model.eval())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == group_norms > 0
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_predictor_folds_when_configured(fold):
+    cfg = small_cfg(**{"MODEL.WEIGHTS": "", "MODEL.CONDINST.FOLD_BATCHNORM": fold})
+    predictor = Predictor(cfg)
+    assert (_norms(predictor.model) == 0) == fold
+
+
+def test_bf16_backbone_finds_the_same_objects():
+    """bf16 keeps 8 bits of mantissa: on this random tiny model the near-tied scores reorder, so
+    the bar is that each of float32's 5 best boxes is found again (IoU > 0.5)."""
+    model = _fixture_model("tiny_base")
+    ref = _predict(model, "tiny_base")
+    model.bf16_backbone = True
+    out = _predict(model, "tiny_base")
+    assert out.scores.dtype == out.pred_boxes.tensor.dtype == torch.float32
+    assert out.pred_masks.shape[1:] == ref.pred_masks.shape[1:]
+    assert len(out) > 50 and abs(len(out) - len(ref)) <= 5
+    assert (pairwise_iou(ref.pred_boxes[:5], out.pred_boxes).max(dim=1).values > 0.5).all()
+
+
+def test_training_runs_under_autocast_with_close_losses():
+    """AMPTrainer runs the model's forward under autocast (float16 on a GPU); here bfloat16 on
+    the CPU: every loss stays float32, finite and within bf16's precision of float32's."""
+    model = _fixture_model("tiny_base").train()
+    batch = load_train_batch(require_fixtures() / "tiny_base")
+    torch.manual_seed(0)
+    ref = model(batch)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    assert set(losses) == set(ref)
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        torch.testing.assert_close(loss, ref[name], rtol=0.05, atol=0.02, msg=name)
+
+
+def test_amp_on_a_cpu_is_refused_with_a_clear_message():
+    cfg = small_cfg(**{"SOLVER.AMP.ENABLED": True})
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED needs a CUDA GPU"):
+        check_solver(cfg)
