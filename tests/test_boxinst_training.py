@@ -1,19 +1,16 @@
-"""BoxInst trained from boxes only: on real photos (evaluated against their masks) and on user
-data with degenerate boxes (tiny, huge, overlapping, on the image border), every loss finite."""
+"""BoxInst trained from boxes only: user data with degenerate boxes (tiny, huge, overlapping, on
+the image border) keeps every loss finite."""
 
 import json
 
 import numpy as np
-import pytest
 
 from condinst_d2.data import write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
 
-from helpers import ROOT, SHARED
+from helpers import ROOT
 
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
-BOXINST_CPU = str(ROOT / "configs" / "BoxInst" / "EfficientNetLite0_CPU.yaml")
-FRUITS = SHARED / "datasets" / "fruits_nuts" / "data"
 LOSSES = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise")
 
 
@@ -82,36 +79,3 @@ def test_degenerate_boxes_keep_every_loss_finite(tmp_path):
     for key in LOSSES:
         values = [v for v, _ in trainer.storage.history(key).values()]
         assert len(values) == 12 and np.isfinite(values).all(), key
-
-
-@pytest.mark.skipif(not FRUITS.is_dir(), reason=f"fruits_nuts dataset not at {FRUITS}")
-def test_trains_from_boxes_on_real_photos_fruits_nuts(tmp_path):
-    """Fast version of the README's BoxInst fruits_nuts run, trained on the boxes alone and
-    evaluated against the real masks: every loss stays finite, the projection loss falls below
-    half its start and the detector learns (bbox AP > 20). Masks need more iterations than the
-    suite can afford (segm AP is ~0 after 60, 78.5 after the README's 300)."""
-    images = str(FRUITS / "images")
-    boxes_only = _write_boxes_only(
-        json.loads((FRUITS / "trainval.json").read_text()), tmp_path / "boxes_only.json"
-    )
-    opts = {
-        "SOLVER.MAX_ITER": 60,
-        "SOLVER.STEPS": "()",
-        "SOLVER.WARMUP_ITERS": 20,
-        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS": 20,
-        "INPUT.MIN_SIZE_TRAIN": "(224, 256)",
-        "INPUT.MIN_SIZE_TEST": 256,
-        "DATALOADER.NUM_WORKERS": 0,
-        "OUTPUT_DIR": str(tmp_path / "out"),
-    }
-    trainer, results = _train(
-        BOXINST_CPU,
-        [str(x) for kv in opts.items() for x in kv],
-        (boxes_only, images),
-        (str(FRUITS / "trainval.json"), images),
-    )
-    for key in LOSSES:
-        assert np.isfinite([v for v, _ in trainer.storage.history(key).values()]).all(), key
-    projection = [v for v, _ in trainer.storage.history("loss_prj").values()]
-    assert np.mean(projection[-10:]) < np.mean(projection[:10]) / 2, projection
-    assert set(results) == {"bbox", "segm"} and results["bbox"]["AP"] > 20, results
