@@ -30,6 +30,15 @@ def condinst_cfg(config_file, **overrides):
     return get_condinst_cfg(str(config_file), opts)
 
 
+def write_boxes_only(data: dict, folder: Path) -> str:
+    """COCO `data` without its masks (as tools/boxes_only.py writes it) in folder/boxes_only.json."""
+    for annotation in data["annotations"]:
+        annotation.pop("segmentation", None)
+    out_file = folder / "boxes_only.json"
+    out_file.write_text(json.dumps(data))
+    return str(out_file)
+
+
 def small_cfg(**overrides):
     return condinst_cfg(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml", **overrides)
 

@@ -8,17 +8,10 @@ import numpy as np
 from condinst_d2.data import write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
 
-from helpers import ROOT
+from helpers import ROOT, write_boxes_only
 
 SMALL = str(ROOT / "configs" / "CondInst" / "Small_R_18_CPU.yaml")
 LOSSES = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise")
-
-
-def _write_boxes_only(data: dict, out_file) -> str:
-    for annotation in data["annotations"]:
-        annotation.pop("segmentation", None)
-    out_file.write_text(json.dumps(data))
-    return str(out_file)
 
 
 def _train(config_file, opts, train_dataset, test_dataset=None):
@@ -55,8 +48,7 @@ def _degenerate_boxes_dataset(tmp_path) -> tuple:
                 }
             )
             next_id += 1
-    out = tmp_path / "degenerate_boxes_only.json"
-    return _write_boxes_only(data, out), str(tmp_path / "train")
+    return write_boxes_only(data, tmp_path), str(tmp_path / "train")
 
 
 def test_degenerate_boxes_keep_every_loss_finite(tmp_path):

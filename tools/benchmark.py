@@ -670,7 +670,7 @@ def run(threads: int, repeats: int, size=SIZE, large_size=LARGE, onnx: bool = Fa
         n: (r["mask_stage"][100][n] - r["mask_stage"][1][n]) / 99 * 1e3 for n in models
     }
     _progress("mask stage", r["mask_stage"])
-    r["training"] = training_step(models, max(3, repeats // 2), size)
+    r["training"] = training_step(models, (repeats + 1) // 2, size)
     _progress("training", r["training"])
     r["hardware"] = {
         "conv_gflops": conv_throughput(repeats) / 1e9,
