@@ -145,6 +145,17 @@ def test_photos_of_different_sizes_match_pytorch(tiny):
     print(f"detections {counts}, mean mask pixel agreement {np.mean(agreements):.7f}")
 
 
+def test_without_the_memory_arena_the_detections_are_the_same(tiny):
+    _, path = tiny
+    image = _photos()[0]
+    default, without = (
+        CondInstOnnx(str(path), memory_arena=arena)(image) for arena in (True, False)
+    )
+    assert len(default.scores) > 0
+    for a, b in zip(default, without):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_no_detection_gives_empty_outputs(tiny):
     """A photo that the tiny model, fed it at its own size (480x640), finds nothing in."""
     model, path = tiny
