@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 
 from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.config import get_condinst_cfg
+from condinst_d2.data import drop_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CONDINST_SHARED", ROOT.parent / "shared"))
@@ -32,8 +33,7 @@ def condinst_cfg(config_file, **overrides):
 
 def write_boxes_only(data: dict, folder: Path) -> str:
     """COCO `data` without its masks (as tools/boxes_only.py writes it) in folder/boxes_only.json."""
-    for annotation in data["annotations"]:
-        annotation.pop("segmentation", None)
+    drop_masks(data)
     out_file = folder / "boxes_only.json"
     out_file.write_text(json.dumps(data))
     return str(out_file)

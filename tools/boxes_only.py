@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from condinst_d2.data import drop_masks
 from condinst_d2.utils import atomic_write
 
 
@@ -23,16 +24,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with open(args.input) as f:
             data = json.load(f)
-        annotations = data["annotations"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        count = drop_masks(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         print(f"error: cannot read COCO annotations from {args.input!r}: {e}", file=sys.stderr)
         return 1
-    for annotation in annotations:
-        annotation.pop("segmentation", None)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_write(args.output) as f:
         json.dump(data, f)
-    print(f"{args.output}: {len(annotations)} annotations, boxes only")
+    print(f"{args.output}: {count} annotations, boxes only")
     return 0
 
 

@@ -10,7 +10,15 @@ from detectron2.data.datasets import register_coco_instances
 
 from .coco_checks import check_coco_json, has_rle_masks
 
-__all__ = ["register_coco_dataset", "check_training_masks"]
+__all__ = ["register_coco_dataset", "check_training_masks", "drop_masks"]
+
+
+def drop_masks(data: dict) -> int:
+    """Removes the 'segmentation' of every annotation of COCO `data`, in place (BoxInst's
+    box-only training data: boxes, classes and images are kept). Returns the annotation count."""
+    for annotation in data["annotations"]:
+        annotation.pop("segmentation", None)
+    return len(data["annotations"])
 
 
 def _read_coco_json(json_file: str, evaluated: bool) -> dict:
