@@ -54,6 +54,9 @@ def _add_fcos_config(cfg: CN) -> None:
     _C.NUM_SHARE_CONVS = 0  # convs shared by both towers, run before them
     _C.CENTER_SAMPLE = True  # positives only near the GT's mask centroid
     _C.POS_RADIUS = 1.5  # center sampling radius, in units of the level's stride
+    # Training: also log each FCOS loss split by FPN level, and the positives per level, as
+    # fcos_<level>/<loss> and fcos_<level>/num_pos (metrics.json): where the detector's loss stalls
+    _C.LOG_LEVEL_LOSSES = False
     _C.LOC_LOSS_TYPE = "giou"  # box loss: "giou", "iou" (-log IoU) or "linear_iou" (1 - IoU)
     _C.YIELD_PROPOSAL = False  # used by other models of the authors' codebase; must stay False
     _C.YIELD_BOX_FEATURES = False  # used by other models of the authors' codebase; must stay False

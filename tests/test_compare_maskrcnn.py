@@ -147,3 +147,18 @@ def test_person_split_of_the_coco_subset(tmp_path, capsys):
     ranked = sorted(train_ids | val_ids)
     assert val_ids == set(ranked[3::4])
     assert all((COCO_SUBSET / "val2017" / i["file_name"]).is_file() for i in val["images"])
+
+
+def test_a_diverging_run_is_reported_and_the_comparison_goes_on(shapes, tmp_path, capsys):
+    (train, train_dir), (test, test_dir) = shapes
+    out = tmp_path / "results.json"
+    argv = ["--train-dataset", train, train_dir, "--test-dataset", test, test_dir]
+    argv += ["--output-dir", str(tmp_path), "--json", str(out), "--seeds", "1"]
+    assert _tool().main(argv + [str(x) for x in TINY] + ["SOLVER.BASE_LR", "1e9"]) == 0
+    table = capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["model"] for r in runs] == ["condinst", "mask_rcnn"]  # the second one still ran
+    for run, name in zip(runs, ("CondInst", "Mask R-CNN")):
+        assert run["diverged"].startswith("diverged at iteration "), run
+        assert run["segm"]["AP"] is None and run["bbox"]["AP"] is None  # NaN in the JSON
+        assert f"| {name}, seed 1 ({run['diverged'].split(':')[0]}) | - |" in table

@@ -6,6 +6,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
 
 from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.modeling.mask_nms import mask_iou
@@ -195,3 +196,33 @@ def test_mask_nms_option():
     same = out.pred_classes[:, None] == out.pred_classes[None, :]
     off_diagonal = ~torch.eye(len(out), dtype=torch.bool)
     assert iou[same & off_diagonal].max() <= 0.65  # NMS decided on stride-4 masks at IoU 0.6
+
+
+@pytest.mark.parametrize("log_level_losses", [False, True])
+def test_fcos_losses_by_level_are_logged_on_request(log_level_losses):
+    model = build_model(small_cfg(**{"MODEL.FCOS.LOG_LEVEL_LOSSES": log_level_losses})).train()
+    boxes = [[4, 6, 40, 44], [10, 12, 120, 90], [60, 20, 124, 60]]  # objects of several levels
+    inputs = [
+        {"image": _image(96, 128), "instances": synthetic_instances(96, 128, boxes, [0, 1, 2])}
+    ]
+    captured = []  # FCOS's per-image positives
+    model.proposal_generator.register_forward_hook(lambda m, i, out: captured.extend(out[0]))
+    with EventStorage(0) as storage:
+        losses = model(inputs)
+    positives = captured[0]
+    logged = {k: v for k, (v, _) in storage.latest().items() if k.startswith("fcos_")}
+    if not log_level_losses:
+        assert logged == {}
+        return
+    levels = model.proposal_generator.in_features
+    assert set(logged) == {
+        f"fcos_{level}/{name}"
+        for level in levels
+        for name in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "num_pos")
+    }
+    for name in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):
+        shares = [logged[f"fcos_{level}/{name}"] for level in levels]
+        assert sum(shares) == pytest.approx(losses[name].item(), rel=1e-5), name
+    per_level = torch.bincount(positives.fpn_levels, minlength=len(levels)).tolist()
+    assert [logged[f"fcos_{level}/num_pos"] for level in levels] == per_level
+    assert sum(1 for n in per_level if n > 0) >= 2, "the boxes should be positive on 2+ levels"

@@ -7,7 +7,12 @@ from detectron2.structures import Boxes, Instances
 
 from condinst_d2.modeling.layers import aligned_bilinear, compute_locations
 from condinst_d2.modeling.mask_nms import mask_iou, mask_nms
-from condinst_d2.modeling.postprocessing import paste_masks, paste_masks_by_steps, postprocess
+from condinst_d2.modeling.postprocessing import (
+    paste_masks,
+    paste_masks_by_steps,
+    paste_one_mask,
+    postprocess,
+)
 
 CPU = torch.device("cpu")
 
@@ -116,6 +121,10 @@ def test_paste_masks_matches_step_by_step_reference(mask_size, factor, image, ou
     assert out.shape == (21, *output) and out.dtype == torch.bool
     assert torch.equal(out, paste_masks_by_steps(probs, padded, image, output))
     assert not out[3].any() and out[5].all()
+    # the one-mask form that the ONNX graph runs, sizes given as 0-d tensors
+    sizes = [tuple(torch.tensor(x) for x in size) for size in (image, output)]
+    for d in range(len(probs)):
+        assert torch.equal(paste_one_mask(probs[d, 0], factor, *sizes), out[d]), d
 
 
 def test_paste_masks_rejects_non_tiling_size():

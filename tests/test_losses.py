@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from condinst_d2.modeling.dynamic_mask_head import dice_loss
-from condinst_d2.modeling.fcos.losses import ctrness_targets, fcos_losses, iou_loss
+from condinst_d2.modeling.fcos.losses import (
+    ctrness_targets,
+    fcos_loss_terms,
+    iou_losses,
+    losses_of,
+)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -23,56 +28,55 @@ def test_ctrness_targets():
 
 
 def test_giou_hand_cases():
-    one = torch.ones(1)
     # concentric 2x2 pred in 4x4 target: inter 4, union 16, IoU 5/17, enclose = union
-    assert iou_loss(_t([1, 1, 1, 1]), _t([2, 2, 2, 2]), one).item() == pytest.approx(
-        12 / 17, rel=1e-6
-    )
+    assert iou_losses(_t([1, 1, 1, 1]), _t([2, 2, 2, 2])).item() == pytest.approx(12 / 17, rel=1e-6)
     # shifted 4x4 boxes: inter 3*3 = 9, union 23, IoU 10/24, enclose 5*5 = 25
     expected = 1 - (10 / 24 - (25 - 23) / 25)
-    assert iou_loss(_t([1, 1, 3, 3]), _t([2, 2, 2, 2]), one).item() == pytest.approx(
+    assert iou_losses(_t([1, 1, 3, 3]), _t([2, 2, 2, 2])).item() == pytest.approx(
         expected, rel=1e-6
     )
     # disjoint diagonal 2x2 boxes: inter 0, union 8, IoU 1/9, enclose 16
     expected = 1 - (1 / 9 - (16 - 8) / 16)
-    assert iou_loss(_t([2, 2, 0, 0]), _t([0, 0, 2, 2]), one).item() == pytest.approx(
+    assert iou_losses(_t([2, 2, 0, 0]), _t([0, 0, 2, 2])).item() == pytest.approx(
         expected, rel=1e-6
     )
 
 
 def test_giou_identical_large_boxes_is_zero():
     box = _t([100.0, 50.0, 30.0, 70.0], [10.0, 20.0, 30.0, 40.0])
-    assert abs(iou_loss(box, box.clone(), torch.ones(2)).item()) < 1e-6
+    assert iou_losses(box, box.clone()).abs().max().item() < 1e-6
 
 
-def test_iou_loss_weights_are_applied_and_summed():
+def test_iou_losses_are_per_box():
     pred = _t([1, 1, 1, 1], [1, 1, 3, 3])
     target = _t([2, 2, 2, 2], [2, 2, 2, 2])
-    loss = iou_loss(pred, target, torch.tensor([0.5, 2.0]))
-    expected = 0.5 * (12 / 17) + 2.0 * (1 - (10 / 24 - 2 / 25))
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    expected = torch.tensor([12 / 17, 1 - (10 / 24 - 2 / 25)])
+    torch.testing.assert_close(iou_losses(pred, target), expected)
 
 
 def test_iou_and_linear_iou_types():
     pred = _t([1, 1, 1, 1], [1, 1, 3, 3])
     target = _t([2, 2, 2, 2], [2, 2, 2, 2])
-    w = torch.ones(2)
     ious = [5 / 17, 10 / 24]
-    assert iou_loss(pred, target, w, "iou").item() == pytest.approx(
+    assert iou_losses(pred, target, "iou").sum().item() == pytest.approx(
         -sum(map(math.log, ious)), rel=1e-6
     )
-    assert iou_loss(pred, target, w, "linear_iou").item() == pytest.approx(
+    assert iou_losses(pred, target, "linear_iou").sum().item() == pytest.approx(
         sum(1 - i for i in ious), rel=1e-6
     )
 
 
 def test_iou_loss_unknown_type():
     with pytest.raises(ValueError):
-        iou_loss(_t([1, 1, 1, 1]), _t([1, 1, 1, 1]), torch.ones(1), "smooth_l1")
+        iou_losses(_t([1, 1, 1, 1]), _t([1, 1, 1, 1]), "smooth_l1")
 
 
 def _losses(logits, reg_pred, ctr_pred, labels, reg_targets, **kw):
-    return fcos_losses(
+    return losses_of(_terms(logits, reg_pred, ctr_pred, labels, reg_targets, **kw))
+
+
+def _terms(logits, reg_pred, ctr_pred, labels, reg_targets, **kw):
+    return fcos_loss_terms(
         logits,
         reg_pred,
         ctr_pred,
@@ -155,3 +159,22 @@ def test_dice_identical_disjoint_and_partial():
     # row 0: inter 1.5, p^2 1.5, t^2 2; row 1: inter 0.25, p^2 0.0625, t^2 2
     expected = torch.tensor([1 - 3.0 / (3.5 + 1e-5), 1 - 0.5 / (2.0625 + 1e-5)])
     torch.testing.assert_close(dice_loss(p, t), expected)
+
+
+def test_terms_split_by_level_sum_to_each_loss():
+    # 4 locations on 2 levels (0, 0, 1, 1); locations 0 and 3 are positives of class 0
+    logits = _t([LN3], [0.0], [-LN3], [0.5])
+    labels = torch.tensor([0, 1, 1, 0])
+    reg_targets = _t([1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 2, 3, 4])
+    reg_pred = _t([2, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 2, 3, 3])
+    terms = _terms(logits, reg_pred, torch.tensor([0.0, 1.0, 2.0, LN3]), labels, reg_targets)
+    levels = torch.tensor([0, 0, 1, 1])
+    for name, loss in losses_of(terms).items():
+        by_level = terms[name].by_level(levels, 2)
+        assert by_level.shape == (2,)
+        assert by_level.sum().item() == pytest.approx(loss.item(), rel=1e-6), name
+    ctr = terms["loss_fcos_ctr"]
+    assert ctr.locations.tolist() == [0, 3]
+    torch.testing.assert_close(ctr.by_level(levels, 2), ctr.values / 2)  # 1 positive per level
+    cls = terms["loss_fcos_cls"]
+    torch.testing.assert_close(cls.by_level(levels, 2), cls.values.view(2, 2, 1).sum((1, 2)) / 2)

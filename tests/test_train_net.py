@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import cv2
 import detectron2.engine
 import detectron2.engine.defaults as d2_defaults
 import numpy as np
@@ -206,13 +207,15 @@ FRUITS_RUN += ["DATALOADER.NUM_WORKERS", 0, "SEED", 1]
 
 @pytest.fixture(scope="module")
 def fruits_condinst(tmp_path_factory):
-    """Fast version of the README's fruits_nuts run: CondInst, 100 iterations on the 18 photos.
-    Returns its total losses, its results and its model_final.pth."""
+    """Fast version of the README's fruits_nuts run: CondInst, 100 iterations on the 18 photos,
+    logging the FCOS losses by level. Returns its total losses, its results, its model_final.pth
+    and the per-iteration values of every logged loss (name -> list)."""
     if not FRUITS.is_dir():
         pytest.skip(f"fruits_nuts dataset not at {FRUITS}")
     out = tmp_path_factory.mktemp("fruits_condinst")
     dataset = (str(FRUITS / "trainval.json"), str(FRUITS / "images"))
     opts = ["SOLVER.MAX_ITER", 100, "SOLVER.STEPS", "(80,)", "SOLVER.WARMUP_ITERS", 20]
+    opts += ["MODEL.FCOS.LOG_LEVEL_LOSSES", True]
     cfg = build_cfg(
         EFFICIENTNET,
         opts + FRUITS_RUN + ["OUTPUT_DIR", str(out)],
@@ -222,17 +225,38 @@ def fruits_condinst(tmp_path_factory):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
-    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
-    return losses, results, out / "model_final.pth"
+    histories = trainer.storage.histories()
+    logged = {k: [v for v, _ in h.values()] for k, h in histories.items() if "loss" in k}
+    return logged["total_loss"], results, out / "model_final.pth", logged
 
 
 def test_learns_on_real_photos_fruits_nuts(fruits_condinst):
     """The loss halves and segm AP exceeds 5."""
-    losses, results, _ = fruits_condinst
+    losses, results, _, _ = fruits_condinst
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < first / 2, (first, last)
     assert results["segm"]["AP"] > 5, results
     assert results["bbox"]["AP"] > 5, results
+
+
+def test_fcos_losses_by_level_add_up_and_are_plotted(fruits_condinst, tmp_path):
+    """MODEL.FCOS.LOG_LEVEL_LOSSES: every iteration, the levels' shares sum to each FCOS loss;
+    plot_metrics.py adds the row of losses by level."""
+    _, _, weights, logged = fruits_condinst
+    levels = ["p3", "p4", "p5", "p6", "p7"]
+    for name in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):
+        shares = np.array([logged[f"fcos_{level}/{name}"] for level in levels])
+        np.testing.assert_allclose(shares.sum(0), logged[name], rtol=1e-4, err_msg=name)
+    output = tmp_path / "curves.png"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(weights.parent)]
+        + ["--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert cv2.imread(str(output)).shape == (900, 1800, 3), "2 rows of 3 panels"
 
 
 def test_boxinst_learns_masks_from_the_boxes_of_real_photos(fruits_condinst, tmp_path):
@@ -240,7 +264,7 @@ def test_boxinst_learns_masks_from_the_boxes_of_real_photos(fruits_condinst, tmp
     finds objects only after a few hundred iterations, so this one starts from the detector
     above (backbone, FCOS) with a new mask branch and controller, trains them on the photos'
     boxes alone, and is evaluated against the real masks: its masks come from the boxes."""
-    _, _, condinst_weights = fruits_condinst
+    _, _, condinst_weights, _ = fruits_condinst
     detector = tmp_path / "detector.pth"
     state = torch.load(condinst_weights, weights_only=False)["model"]
     torch.save(

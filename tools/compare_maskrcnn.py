@@ -18,7 +18,9 @@ of one model's heads (MODEL.FCOS.*, MODEL.ROI_HEADS.*) changes only that model.
 Each model and seed trains in OUTPUT/<model>/seed<k> (config.yaml, log.txt, metrics.json,
 model_final.pth, results.json); seconds per iteration are the mean of Detectron2's per-iteration
 times (data loading included, the first 2 iterations left out). With several seeds the table ends
-with the mean and the sample standard deviation over them.
+with the mean and the sample standard deviation over them. A run that diverges (a non-finite loss
+or box) is marked so in its row, without APs, and the comparison goes on; the means of its model
+are then left out ("-").
 
 --split writes OUT_DIR/<class>_train.json and <class>_val.json of one class of a COCO JSON
 (`condinst_d2.data.splits`): its images sorted by id, every 4th held out; the images stay in place.
@@ -122,19 +124,26 @@ def train_and_evaluate(cfg: CfgNode) -> Dict[str, Any]:
     """Trains the model of `cfg` from cfg.SEED and evaluates it on its test set.
 
     Returns:
-        {"segm": {metric: value}, "bbox": {...}, "seconds_per_iter": float}; a metric that
-        COCOeval leaves undefined (no object of that size, no detection) is NaN.
+        {"segm": {metric: value}, "bbox": {...}, "seconds_per_iter": float, "diverged": None};
+        a metric that COCOeval leaves undefined (no object of that size, no detection) is NaN.
+        A run whose training diverges (Detectron2's FloatingPointError: a non-finite loss or
+        box) has NaN metrics and "diverged": what and at which iteration; the others go on.
     """
     save_config(cfg)
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
-    results = trainer.train() or {}
-    save_results(results, os.path.join(cfg.OUTPUT_DIR, "results.json"))
+    diverged = None
+    try:
+        results = trainer.train() or {}
+        save_results(results, os.path.join(cfg.OUTPUT_DIR, "results.json"))
+    except FloatingPointError as e:
+        results, diverged = {}, f"diverged at iteration {trainer.iter}: {e}"
+        logger.warning("%s: %s", cfg.OUTPUT_DIR, diverged)
     histories = trainer.storage.histories()
     seconds = histories["time"].global_avg() if "time" in histories else math.nan
     row = {task: {m: results.get(task, {}).get(m, math.nan) for m in METRICS} for task in TASKS}
-    return {**row, "seconds_per_iter": seconds}
+    return {**row, "seconds_per_iter": seconds, "diverged": diverged}
 
 
 def summarize(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -170,7 +179,10 @@ def format_table(runs: Sequence[Dict[str, Any]], summary: Dict[str, Dict]) -> st
     for r in runs:
         cells = [_cell(r[t][m]) for t in TASKS for m in METRICS]
         cells.append(_cell(r["seconds_per_iter"], digits=2))
-        lines.append(f"| {MODELS[r['model']]}, seed {r['seed']} | " + " | ".join(cells) + " |")
+        name = f"{MODELS[r['model']]}, seed {r['seed']}"
+        if r["diverged"]:
+            name += f" ({r['diverged'].split(':')[0]})"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if len(runs) > len(MODELS):
         for model, stats in summary.items():
             keys = [f"{t}/{m}" for t in TASKS for m in METRICS]

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 AP_KEYS = ("segm/AP", "bbox/AP", "segm/AP50", "bbox/AP50")
+LEVEL_LOSSES = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr")  # fcos_<level>/<loss>
 Series = Dict[str, List[Tuple[int, float]]]
 
 
@@ -49,7 +50,8 @@ def read_metrics(path: str) -> Series:
 
 
 def plot(series: Series, title: str, output: str) -> None:
-    """Writes a PNG: the losses (left) and the APs (right) over iterations.
+    """Writes a PNG: the losses (left) and the APs (right) over iterations, and below them, for a
+    run with MODEL.FCOS.LOG_LEVEL_LOSSES, each FCOS loss split by FPN level.
 
     Raises:
         ValueError: when `series` has no loss.
@@ -59,30 +61,56 @@ def plot(series: Series, title: str, output: str) -> None:
     )
     if not losses:
         raise ValueError(f"no losses in {title}: is it a training run's metrics.json?")
-    aps = [k for k in AP_KEYS if k in series]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for key in losses:
-        iterations, values = zip(*series[key])
-        width = 2.0 if key == "total_loss" else 1.2
-        left.plot(iterations, values, marker=".", label=key, linewidth=width)
-    left.set(title="training losses", xlabel="iteration", ylabel="loss")
-    left.legend()
-    for key in aps:
-        iterations, values = zip(*series[key])
-        right.plot(iterations, values, marker="o", label=key)
-    right.set(title="evaluation", xlabel="iteration", ylabel="AP (%)")
-    if aps:
-        right.legend()
-    else:
-        right.text(0.5, 0.5, "no evaluation in this run", ha="center", transform=right.transAxes)
-    for axis in (left, right):
+    levels = sorted({k.split("/")[0] for k in series if k.startswith("fcos_p")}, key=_level_order)
+    rows, columns = (2, len(LEVEL_LOSSES)) if levels else (1, 2)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(6 * columns, 4.5 * rows), sharex=True, squeeze=False
+    )
+    _plot_lines(axes[0][0], series, losses, "training losses", "loss")
+    _plot_aps(axes[0][1], series)
+    for axis in axes[0][2:]:
+        axis.axis("off")
+    for axis, loss in zip(axes[1] if levels else [], LEVEL_LOSSES):
+        keys = [f"{level}/{loss}" for level in levels]
+        _plot_lines(axis, series, keys, f"{loss} by FPN level", "share of the loss")
+    for axis in axes.flat:
+        if not axis.axison:
+            continue
         axis.grid(alpha=0.3)
+        axis.tick_params(labelbottom=True)  # on every row, though the x axis is shared
         axis.set_xlim(left=0)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(output, dpi=100)
     plt.close(figure)
+
+
+def _level_order(name: str) -> int:
+    """fcos_p3 -> 3, so that the levels are drawn finest first."""
+    return int(name[len("fcos_p") :])
+
+
+def _plot_lines(axis, series: Series, keys: Sequence[str], title: str, ylabel: str) -> None:
+    for key in keys:
+        if key in series:
+            iterations, values = zip(*series[key])
+            width = 2.0 if key == "total_loss" else 1.2
+            axis.plot(iterations, values, marker=".", label=key, linewidth=width)
+    axis.set(title=title, xlabel="iteration", ylabel=ylabel)
+    axis.legend()
+
+
+def _plot_aps(axis, series: Series) -> None:
+    aps = [k for k in AP_KEYS if k in series]
+    for key in aps:
+        iterations, values = zip(*series[key])
+        axis.plot(iterations, values, marker="o", label=key)
+    axis.set(title="evaluation", xlabel="iteration", ylabel="AP (%)")
+    if aps:
+        axis.legend()
+    else:
+        axis.text(0.5, 0.5, "no evaluation in this run", ha="center", transform=axis.transAxes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

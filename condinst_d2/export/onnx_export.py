@@ -8,9 +8,10 @@ XYXY, `scores` (D,), `classes` (D,) int64, `masks` (D, H, W) bool, D dynamic (0 
 The traced part is the library's own inference: `preprocess_image`, backbone, mask branch (no
 semantic head at inference), FCOS decoding and NMS (`candidates_single_level`,
 `select_over_all_levels`: ONNX NonMaxSuppression), the controller at the detections, the
-dynamic mask head and `rescale_detections`. The paste, `paste_masks_by_steps`, runs one mask at a
-time in an ONNX Scan appended to the traced graph, so that at most one mask exists as
-full-size floats (D of them at 800x1216 would be 400 MB).
+dynamic mask head and `rescale_detections`. The paste, `paste_one_mask` (the PyTorch path's
+`paste_masks` of one mask: evaluated only over the region the mask can be on), runs one mask at a
+time in an ONNX Scan appended to the traced graph, so that no float mask of the output size
+exists (D of them at 800x1216 would be 400 MB).
 """
 
 import io
@@ -23,7 +24,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..modeling.meta_arch import CondInst
-from ..modeling.postprocessing import paste_masks_by_steps, rescale_detections
+from ..modeling.postprocessing import paste_one_mask, rescale_detections
 
 __all__ = [
     "METADATA_MARKER",
@@ -91,14 +92,13 @@ class _PasteOne(torch.nn.Module):
         self.threshold = threshold
 
     def forward(self, probs: torch.Tensor, image_hw: torch.Tensor, output_hw: torch.Tensor):
-        padded = (probs.shape[2] * self.factor, probs.shape[3] * self.factor)
-        return paste_masks_by_steps(
-            probs,
-            padded,
+        return paste_one_mask(
+            probs[0, 0],
+            self.factor,
             (image_hw[0], image_hw[1]),
             (output_hw[0], output_hw[1]),
             self.threshold,
-        )
+        )[None]
 
 
 def _trace(

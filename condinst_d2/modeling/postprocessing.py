@@ -21,7 +21,13 @@ from detectron2.structures import Instances
 
 from .layers import aligned_bilinear
 
-__all__ = ["paste_masks", "paste_masks_by_steps", "postprocess", "rescale_detections"]
+__all__ = [
+    "paste_masks",
+    "paste_masks_by_steps",
+    "paste_one_mask",
+    "postprocess",
+    "rescale_detections",
+]
 
 
 class _Taps(NamedTuple):
@@ -58,21 +64,34 @@ def _axis_taps(mask_len: int, factor: int, image_len: int, output_len: int, devi
     return _Taps(index, weight.float())
 
 
-def _reach(taps: _Taps, lo: int, hi: int) -> Tuple[int, int]:
-    """[start, stop) of the output positions whose taps (with weight > 0) touch mask [lo, hi]."""
-    touches = ((taps.index >= lo) & (taps.index <= hi) & (taps.weight > 0)).any(dim=1)
-    where = torch.nonzero(touches).squeeze(1)
-    return (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
+def _reach(taps: _Taps, above: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[start, stop), as 0-d tensors, of the output positions whose taps (with weight > 0) touch
+    a mask row (or column) where `above` (mask_len,) holds; (0, 0) when none does. Tensor ops
+    only, so that a traced graph keeps them dynamic."""
+    touches = (above[taps.index] & (taps.weight > 0)).any(dim=1)
+    positions = torch.arange(touches.shape[0], device=touches.device)  # shape: dynamic in a trace
+    stop = torch.where(touches, positions + 1, 0).max()
+    return torch.where(touches, positions, stop).min(), stop
+
+
+def _within(taps: _Taps, start: torch.Tensor, stop: torch.Tensor) -> _Taps:
+    """The taps of output positions [start, stop)."""
+    positions = torch.arange(start, stop, device=taps.index.device)
+    return _Taps(taps.index[positions], taps.weight[positions])
 
 
 # Output pixels evaluated at once: bounds the temporary floats (x 4 taps) of one large mask.
 _BLOCK_PIXELS = 1 << 20
 
 
-def _evaluate(probs: torch.Tensor, rows: _Taps, cols: _Taps, threshold: float) -> torch.Tensor:
+def _evaluate(
+    probs: torch.Tensor, rows: _Taps, cols: _Taps, threshold: float, blocks: bool = True
+) -> torch.Tensor:
     """Thresholded output (n_rows, n_cols) of one (hm, wm) mask at the given rows and columns,
-    computed in blocks of rows."""
+    computed in blocks of rows (or at once: `blocks` False, for a traced graph)."""
     row_mix = (probs[rows.index] * rows.weight[:, :, None]).sum(dim=1)  # (n_rows, wm)
+    if not blocks:
+        return (row_mix[:, cols.index] * cols.weight[None]).sum(dim=2) > threshold
     step = max(1, _BLOCK_PIXELS // len(cols.index))
     return torch.cat(
         [
@@ -130,17 +149,34 @@ def paste_masks(
     rows = _axis_taps(hm, factor, image_size[0], output_size[0], mask_probs.device)
     cols = _axis_taps(wm, factor, image_size[1], output_size[1], mask_probs.device)
     above = mask_probs[:, 0] > threshold
-    row_any, col_any = above.any(dim=2), above.any(dim=1)
-    for d in torch.nonzero(row_any.any(dim=1)).squeeze(1).tolist():
-        r = torch.nonzero(row_any[d]).squeeze(1)
-        c = torch.nonzero(col_any[d]).squeeze(1)
-        y0, y1 = _reach(rows, int(r[0]), int(r[-1]))
-        x0, x1 = _reach(cols, int(c[0]), int(c[-1]))
+    for d in torch.nonzero(above.flatten(1).any(dim=1)).squeeze(1).tolist():
+        y0, y1 = map(int, _reach(rows, above[d].any(dim=1)))
+        x0, x1 = map(int, _reach(cols, above[d].any(dim=0)))
         if y1 > y0 and x1 > x0:
             region_rows = _Taps(rows.index[y0:y1], rows.weight[y0:y1])
             region_cols = _Taps(cols.index[x0:x1], cols.weight[x0:x1])
             out[d, y0:y1, x0:x1] = _evaluate(mask_probs[d, 0], region_rows, region_cols, threshold)
     return out
+
+
+def paste_one_mask(
+    probs: torch.Tensor,
+    factor: int,
+    image_size: Tuple[torch.Tensor, torch.Tensor],
+    output_size: Tuple[torch.Tensor, torch.Tensor],
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """`paste_masks` of one (hm, wm) mask -> (H, W) bool, in tensor ops only: sizes may be 0-d
+    tensors, and a traced graph keeps them dynamic (the ONNX export). The mask is evaluated over
+    the region it can be on, and zero-padded to (H, W)."""
+    hm, wm = probs.shape
+    rows = _axis_taps(hm, factor, image_size[0], output_size[0], probs.device)
+    cols = _axis_taps(wm, factor, image_size[1], output_size[1], probs.device)
+    above = probs > threshold
+    y0, y1 = _reach(rows, above.any(dim=1))
+    x0, x1 = _reach(cols, above.any(dim=0))
+    region = _evaluate(probs, _within(rows, y0, y1), _within(cols, x0, x1), threshold, False)
+    return F.pad(region, (x0, output_size[1] - x1, y0, output_size[0] - y1))
 
 
 def rescale_detections(

@@ -12,12 +12,13 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..layers import compute_locations
 from .head import FCOSHead, HeadOutputs
 from .inference import candidates_single_level, select_over_all_levels
-from .losses import fcos_losses
+from .losses import fcos_loss_terms, losses_of
 from .targets import FCOSTargets, fcos_targets, level_sizes_of_interest
 
 __all__ = ["FCOS"]
@@ -90,6 +91,7 @@ class FCOS(nn.Module):
         topk_with_ctr: bool = True,
         sqrt_score: bool = True,
         clip_boxes: bool = False,
+        log_level_losses: bool = False,
     ):
         """
         Args:
@@ -102,6 +104,8 @@ class FCOS(nn.Module):
                 over the best candidates unsuppressed (for CondInst's mask NMS).
             topk_with_ctr, sqrt_score, clip_boxes: ranking, score formula and clipping of the
                 candidates (`candidates_single_level`; the defaults are the authors').
+            log_level_losses: also log, every training iteration, each FCOS loss split by level
+                and the positives of each level (`log_losses_by_level`).
         """
         super().__init__()
         self.fcos_head = head
@@ -125,6 +129,7 @@ class FCOS(nn.Module):
         self.topk_with_ctr = topk_with_ctr
         self.sqrt_score = sqrt_score
         self.clip_boxes = clip_boxes
+        self.log_level_losses = log_level_losses
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec], num_dynamic_params: int = 0):
@@ -161,6 +166,7 @@ class FCOS(nn.Module):
             "topk_with_ctr": fcos.PRE_NMS_TOPK_WITH_CTR,
             "sqrt_score": fcos.SQRT_SCORE,
             "clip_boxes": fcos.CLIP_BOXES_BEFORE_NMS,
+            "log_level_losses": fcos.LOG_LEVEL_LOSSES,
         }
 
     def forward(
@@ -216,7 +222,7 @@ class FCOS(nn.Module):
         targets = self.label_locations(locations, gt_instances)
         logits = _predictions_level_first(outputs.logits)
         ctrness_pred = _predictions_level_first(outputs.ctrness).squeeze(1)
-        losses = fcos_losses(
+        terms = fcos_loss_terms(
             logits,
             _predictions_level_first(outputs.bbox_reg),
             ctrness_pred,
@@ -224,6 +230,9 @@ class FCOS(nn.Module):
             targets.reg_targets,
             **self.loss_kwargs,
         )
+        if self.log_level_losses:
+            self.log_losses_by_level(terms, targets)
+        losses = losses_of(terms)
         pos = torch.nonzero(targets.labels != self.num_classes).squeeze(1)
         positives = Instances(tuple(images.tensor.shape[-2:]))  # all images, on the padded canvas
         for name in ("gt_inds", "im_inds", "fpn_levels", "loc_inds", "locations"):
@@ -233,6 +242,23 @@ class FCOS(nn.Module):
         # One controller evaluation for the whole batch, then split.
         self._add_mask_head_params(outputs, positives)
         return _split_images(positives, images.image_sizes), losses
+
+    @torch.no_grad()
+    def log_losses_by_level(self, terms, targets: FCOSTargets) -> None:
+        """Puts `fcos_<level>/<loss>` (the level's share of the loss: the levels' shares sum to
+        it) and `fcos_<level>/num_pos` (the batch's positives on the level) in the event storage.
+
+        terms: `fcos_loss_terms` of the batch whose targets are `targets`.
+        """
+        num_levels = len(self.in_features)
+        shares = {name: t.by_level(targets.fpn_levels, num_levels) for name, t in terms.items()}
+        shares["num_pos"] = torch.bincount(
+            targets.fpn_levels[targets.labels != self.num_classes], minlength=num_levels
+        )
+        storage = get_event_storage()
+        for name, values in shares.items():
+            for level, value in zip(self.in_features, values.tolist()):
+                storage.put_scalar(f"fcos_{level}/{name}", value)
 
     @torch.no_grad()
     def _candidates(

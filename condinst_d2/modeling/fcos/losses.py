@@ -3,6 +3,7 @@
 Shape shorthand: T: locations of the batch, P: positive locations, K: classes.
 """
 
+from dataclasses import dataclass
 from typing import Dict
 
 import torch
@@ -12,7 +13,7 @@ from fvcore.nn import sigmoid_focal_loss_jit
 
 from ..layers import reduce_sum
 
-__all__ = ["ctrness_targets", "iou_loss", "fcos_losses"]
+__all__ = ["ctrness_targets", "iou_losses", "LossTerms", "fcos_loss_terms", "losses_of"]
 
 
 def ctrness_targets(reg_targets: torch.Tensor) -> torch.Tensor:
@@ -26,10 +27,8 @@ def ctrness_targets(reg_targets: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(ratio)
 
 
-def iou_loss(
-    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, loss_type: str = "giou"
-) -> torch.Tensor:
-    """Sum over P of weight * loss between (P, 4) (l, t, r, b) predictions and targets.
+def iou_losses(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "giou") -> torch.Tensor:
+    """(P,) losses between (P, 4) (l, t, r, b) predictions and targets.
 
     IoU uses +1 smoothing, (inter + 1) / (union + 1), as the authors' code does.
     loss_type: "giou" (1 - GIoU), "iou" (-log IoU) or "linear_iou" (1 - IoU).
@@ -44,19 +43,35 @@ def iou_loss(
     if loss_type == "giou":
         enclose = (torch.max(pl, tl) + torch.max(pr, tr)) * (torch.max(pb, tb) + torch.max(pt, tt))
         enclose = enclose + 1e-7
-        losses = 1 - (ious - (enclose - union) / enclose)
-    elif loss_type == "iou":
-        losses = -torch.log(ious)
-    elif loss_type == "linear_iou":
-        losses = 1 - ious
-    else:
-        raise ValueError(
-            f"MODEL.FCOS.LOC_LOSS_TYPE must be giou, iou or linear_iou, got {loss_type!r}"
-        )
-    return (losses * weight).sum()
+        return 1 - (ious - (enclose - union) / enclose)
+    if loss_type == "iou":
+        return -torch.log(ious)
+    if loss_type == "linear_iou":
+        return 1 - ious
+    raise ValueError(f"MODEL.FCOS.LOC_LOSS_TYPE must be giou, iou or linear_iou, got {loss_type!r}")
 
 
-def fcos_losses(
+@dataclass
+class LossTerms:
+    """One loss as terms of locations: loss = values.sum() / denominator * weight."""
+
+    values: torch.Tensor  # (n, ...): the terms of n locations, a row each
+    locations: torch.Tensor  # (n,): their indices into the batch's T locations
+    denominator: float
+    weight: float = 1.0
+
+    def loss(self) -> torch.Tensor:
+        return self.values.sum() / self.denominator * self.weight
+
+    @torch.no_grad()
+    def by_level(self, levels: torch.Tensor, num_levels: int) -> torch.Tensor:
+        """(L,) the loss's share of each FPN level, summing to it; levels: (T,)."""
+        rows = self.values.reshape(len(self.values), -1).sum(dim=1)
+        shares = rows.new_zeros(num_levels).index_add_(0, levels[self.locations], rows)
+        return shares / self.denominator * self.weight
+
+
+def fcos_loss_terms(
     logits: torch.Tensor,
     reg_pred: torch.Tensor,
     ctrness_pred: torch.Tensor,
@@ -67,8 +82,9 @@ def fcos_losses(
     focal_gamma: float,
     loc_loss_type: str,
     loss_weight_cls: float = 1.0,
-) -> Dict[str, torch.Tensor]:
-    """loss_fcos_cls / loc / ctr, normalised by the positives averaged over processes.
+) -> Dict[str, LossTerms]:
+    """loss_fcos_cls (over all T locations), loss_fcos_loc and loss_fcos_ctr (over the positives),
+    normalised by the positives averaged over processes (loc: by their centerness targets).
 
     Args:
         logits: (T, K); reg_pred: (T, 4); ctrness_pred: (T,) logits.
@@ -83,23 +99,27 @@ def fcos_losses(
     class_target = torch.zeros_like(logits)
     class_target[pos, labels[pos]] = 1
     loss_cls = sigmoid_focal_loss_jit(
-        logits, class_target, alpha=focal_alpha, gamma=focal_gamma, reduction="sum"
+        logits, class_target, alpha=focal_alpha, gamma=focal_gamma, reduction="none"
     )
     ctr_targets = ctrness_targets(reg_targets[pos])
     loss_denorm = max(reduce_sum(ctr_targets.sum()).item() / num_gpus, 1e-6)
     if pos.numel() > 0:
-        loss_loc = (
-            iou_loss(reg_pred[pos], reg_targets[pos], ctr_targets, loc_loss_type) / loss_denorm
+        loss_loc = iou_losses(reg_pred[pos], reg_targets[pos], loc_loss_type) * ctr_targets
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            ctrness_pred[pos], ctr_targets, reduction="none"
         )
-        loss_ctr = (
-            F.binary_cross_entropy_with_logits(ctrness_pred[pos], ctr_targets, reduction="sum")
-            / num_pos_avg
-        )
-    else:  # keeps the graph connected (DDP) with a zero loss
-        loss_loc = reg_pred.sum() * 0
-        loss_ctr = ctrness_pred.sum() * 0
+    else:  # keeps the graph connected (DDP) with a zero loss, put on location 0
+        pos = pos.new_zeros(1)
+        loss_loc = reg_pred.sum()[None] * 0
+        loss_ctr = ctrness_pred.sum()[None] * 0
+    every_location = torch.arange(len(labels), device=labels.device)
     return {
-        "loss_fcos_cls": loss_cls / num_pos_avg * loss_weight_cls,
-        "loss_fcos_loc": loss_loc,
-        "loss_fcos_ctr": loss_ctr,
+        "loss_fcos_cls": LossTerms(loss_cls, every_location, num_pos_avg, loss_weight_cls),
+        "loss_fcos_loc": LossTerms(loss_loc, pos, loss_denorm),
+        "loss_fcos_ctr": LossTerms(loss_ctr, pos, num_pos_avg),
     }
+
+
+def losses_of(terms: Dict[str, LossTerms]) -> Dict[str, torch.Tensor]:
+    """name -> loss, for `fcos_loss_terms`."""
+    return {name: term.loss() for name, term in terms.items()}
