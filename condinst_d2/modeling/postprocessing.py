@@ -150,11 +150,10 @@ def paste_masks(
     cols = _axis_taps(wm, factor, image_size[1], output_size[1], mask_probs.device)
     above = mask_probs[:, 0] > threshold
     for d in torch.nonzero(above.flatten(1).any(dim=1)).squeeze(1).tolist():
-        y0, y1 = map(int, _reach(rows, above[d].any(dim=1)))
-        x0, x1 = map(int, _reach(cols, above[d].any(dim=0)))
+        y0, y1 = _reach(rows, above[d].any(dim=1))
+        x0, x1 = _reach(cols, above[d].any(dim=0))
         if y1 > y0 and x1 > x0:
-            region_rows = _Taps(rows.index[y0:y1], rows.weight[y0:y1])
-            region_cols = _Taps(cols.index[x0:x1], cols.weight[x0:x1])
+            region_rows, region_cols = _within(rows, y0, y1), _within(cols, x0, x1)
             out[d, y0:y1, x0:x1] = _evaluate(mask_probs[d, 0], region_rows, region_cols, threshold)
     return out
 
