@@ -97,9 +97,8 @@ def test_sigkill_then_resume_continues_where_it_stopped(tmp_path):
     ]
     job = subprocess.Popen(cmd + opts, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while (
-        not (out / "model_0000009.pth").exists() and job.poll() is None and time.time() < deadline
-    ):
+    # The checkpointer renames model_0000009.pth into place, then last_checkpoint: wait for both.
+    while not (out / "last_checkpoint").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     job.wait()
