@@ -11,6 +11,7 @@ from condinst_d2.modeling.postprocessing import (
     paste_masks,
     paste_masks_by_steps,
     paste_one_mask,
+    paste_taps,
     postprocess,
 )
 
@@ -122,9 +123,10 @@ def test_paste_masks_matches_step_by_step_reference(mask_size, factor, image, ou
     assert torch.equal(out, paste_masks_by_steps(probs, padded, image, output))
     assert not out[3].any() and out[5].all()
     # the one-mask form that the ONNX graph runs, sizes given as 0-d tensors
-    sizes = [tuple(torch.tensor(x) for x in size) for size in (image, output)]
+    image_hw, output_hw = [tuple(torch.tensor(x) for x in size) for size in (image, output)]
+    rows, cols = paste_taps(mask_size, factor, image_hw, output_hw, "cpu")
     for d in range(len(probs)):
-        assert torch.equal(paste_one_mask(probs[d, 0], factor, *sizes), out[d]), d
+        assert torch.equal(paste_one_mask(probs[d, 0], rows, cols, output_hw), out[d]), d
 
 
 def test_paste_masks_rejects_non_tiling_size():

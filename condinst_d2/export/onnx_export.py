@@ -8,10 +8,11 @@ XYXY, `scores` (D,), `classes` (D,) int64, `masks` (D, H, W) bool, D dynamic (0 
 The traced part is the library's own inference: `preprocess_image`, backbone, mask branch (no
 semantic head at inference), FCOS decoding and NMS (`candidates_single_level`,
 `select_over_all_levels`: ONNX NonMaxSuppression), the controller at the detections, the
-dynamic mask head and `rescale_detections`. The paste, `paste_one_mask` (the PyTorch path's
+dynamic mask head, `rescale_detections` and the image's `paste_taps` (which mask pixels, with
+which weights, make each output row and column). The paste, `paste_one_mask` (the PyTorch path's
 `paste_masks` of one mask: evaluated only over the region the mask can be on), runs one mask at a
-time in an ONNX Scan appended to the traced graph, so that no float mask of the output size
-exists (D of them at 800x1216 would be 400 MB).
+time in an ONNX Scan appended to the traced graph, reading the taps from it, so that no float
+mask of the output size exists (D of them at 800x1216 would be 400 MB).
 """
 
 import io
@@ -24,7 +25,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..modeling.meta_arch import CondInst
-from ..modeling.postprocessing import paste_one_mask, rescale_detections
+from ..modeling.postprocessing import Taps, paste_one_mask, paste_taps, rescale_detections
 
 __all__ = [
     "METADATA_MARKER",
@@ -40,6 +41,9 @@ FORMAT_VERSION = "1"
 OPSET = 17
 INPUT_NAMES = ["image", "output_hw"]
 OUTPUT_NAMES = ["boxes", "scores", "classes", "masks"]
+# The paste's per-image inputs: the traced graph's outputs that the Scan body reads.
+TAP_NAMES = ["rows_index", "rows_weight", "cols_index", "cols_weight"]
+_TAP_AXES = {name: {0: "H" if name.startswith("rows") else "W"} for name in TAP_NAMES}
 
 
 class OnnxExportError(ValueError):
@@ -59,7 +63,8 @@ def check_exportable(model: CondInst) -> None:
 
 class _Detector(torch.nn.Module):
     """The traced part: image -> boxes, scores, classes at output_hw, the kept detections' mask
-    probabilities (D, 1, hm, wm) on the padded canvas, and the image's (h, w)."""
+    probabilities (D, 1, hm, wm) on the padded canvas, and the image's `paste_taps` (rows: (H, 4)
+    index and weight, columns: (W, 4))."""
 
     def __init__(self, model: CondInst):
         super().__init__()
@@ -74,31 +79,35 @@ class _Detector(torch.nn.Module):
         mask_probs = model.mask_head(mask_feats, detections).sigmoid()
         result, keep = rescale_detections(detections, output_hw[0], output_hw[1])
         image_hw = torch._shape_as_tensor(image)[1:]
+        rows, cols = paste_taps(
+            mask_probs.shape[2:],
+            model.mask_head.mask_out_stride,
+            (image_hw[0], image_hw[1]),
+            (output_hw[0], output_hw[1]),
+            image.device,
+        )
         return (
             result.pred_boxes.tensor,
             result.scores,
             result.pred_classes,
             mask_probs[keep],
-            image_hw,
+            *rows,
+            *cols,
         )
 
 
 class _PasteOne(torch.nn.Module):
-    """The paste of one mask: (1, 1, hm, wm) probabilities -> (1, H, W) bool."""
+    """The paste of one mask: (1, 1, hm, wm) probabilities and the image's taps -> (1, H, W)
+    bool."""
 
-    def __init__(self, factor: int, threshold: float):
+    def __init__(self, threshold: float):
         super().__init__()
-        self.factor = factor
         self.threshold = threshold
 
-    def forward(self, probs: torch.Tensor, image_hw: torch.Tensor, output_hw: torch.Tensor):
-        return paste_one_mask(
-            probs[0, 0],
-            self.factor,
-            (image_hw[0], image_hw[1]),
-            (output_hw[0], output_hw[1]),
-            self.threshold,
-        )[None]
+    def forward(self, probs, rows_index, rows_weight, cols_index, cols_weight, output_hw):
+        rows, cols = Taps(rows_index, rows_weight), Taps(cols_index, cols_weight)
+        output_size = (output_hw[0], output_hw[1])
+        return paste_one_mask(probs[0, 0], rows, cols, output_size, self.threshold)[None]
 
 
 def _trace(
@@ -143,21 +152,18 @@ def _prefixed(graph: onnx.GraphProto, prefix: str, keep: Dict[str, str]) -> List
 
 
 def _append_paste_scan(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
-    """Replaces main's `mask_probs` and `image_hw` outputs by `masks` (D, H, W) bool, computed by
-    a Scan that runs `paste` on one detection at a time.
+    """Replaces main's `mask_probs` and taps outputs by `masks` (D, H, W) bool, computed by a Scan
+    that runs `paste` on one detection at a time (reading the taps and `output_hw` from the outer
+    graph).
 
     A Scan, not a Loop: ONNX Runtime writes each Scan iteration's output straight into the final
     (D, H, W) tensor, whereas a Loop keeps every iteration's output and concatenates them at the
     end, holding the D masks twice."""
     graph = main.graph
-    probs_in, image_hw_in, output_hw_in = (x.name for x in paste.graph.input)
+    inputs = [x.name for x in paste.graph.input]  # probs, *TAP_NAMES, output_hw
     body_nodes = [
-        helper.make_node("Unsqueeze", ["paste/one", "paste/axis0"], [probs_in]),
-        *_prefixed(
-            paste.graph,
-            "paste/",
-            {probs_in: probs_in, image_hw_in: "image_hw", output_hw_in: "output_hw"},
-        ),
+        helper.make_node("Unsqueeze", ["paste/one", "paste/axis0"], [inputs[0]]),
+        *_prefixed(paste.graph, "paste/", {name: name for name in inputs}),
         helper.make_node(
             "Squeeze", ["paste/" + paste.graph.output[0].name, "paste/axis0"], ["mask"]
         ),
@@ -211,7 +217,7 @@ def _append_paste_scan(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
             helper.make_node("If", ["any_mask"], ["masks"], then_branch=scan, else_branch=empty),
         ]
     )
-    kept = [o for o in graph.output if o.name not in ("mask_probs", "image_hw")]
+    kept = [o for o in graph.output if o.name not in ["mask_probs", *TAP_NAMES]]
     del graph.output[:]
     graph.output.extend(kept)
     graph.output.append(helper.make_tensor_value_info("masks", TensorProto.BOOL, ["D", "H", "W"]))
@@ -238,21 +244,25 @@ def export_onnx(
         _Detector(model).eval(),
         (sample_image, output_hw),
         INPUT_NAMES,
-        ["boxes", "scores", "classes", "mask_probs", "image_hw"],
+        ["boxes", "scores", "classes", "mask_probs", *TAP_NAMES],
         {
             "image": {1: "h", 2: "w"},
             "boxes": {0: "D"},
             "scores": {0: "D"},
             "classes": {0: "D"},
             "mask_probs": {0: "D", 2: "hm", 3: "wm"},
+            **_TAP_AXES,
         },
     )
+    factor = model.mask_head.mask_out_stride
+    output_size = torch.tensor([60, 90])
+    taps = paste_taps((8, 12), factor, (30, 45), tuple(output_size), "cpu")
     paste = _trace(
-        _PasteOne(model.mask_head.mask_out_stride, model.mask_threshold).eval(),
-        (torch.rand(1, 1, 8, 12), torch.tensor([30, 45]), torch.tensor([60, 90])),
-        ["probs", "image_hw", "output_hw"],
+        _PasteOne(model.mask_threshold).eval(),
+        (torch.rand(1, 1, 8, 12), *taps[0], *taps[1], output_size),
+        ["probs", *TAP_NAMES, "output_hw"],
         ["mask"],
-        {"probs": {2: "hm", 3: "wm"}, "mask": {1: "H", 2: "W"}},
+        {"probs": {2: "hm", 3: "wm"}, "mask": {1: "H", 2: "W"}, **_TAP_AXES},
     )
     _append_paste_scan(main, paste)
     entries = {METADATA_MARKER: FORMAT_VERSION, **metadata}

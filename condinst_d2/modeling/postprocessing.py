@@ -6,7 +6,7 @@ Shape shorthand: D: detections of one image, Hp x Wp: padded batch size, hm x wm
 The authors' mask postprocessing is: `aligned_bilinear` by f to the padded size, crop (h, w),
 bilinear resize (align_corners=False) to (H, W), threshold. Each step is separable and linear
 with non-negative weights summing to 1, so every output pixel is a convex combination of (at most)
-4 x 4 mask pixels: `_Taps` holds those rows/columns and weights, computed once per image. An
+4 x 4 mask pixels: `Taps` holds those rows/columns and weights, computed once per image. An
 output pixel can only exceed the threshold if one of its mask pixels does, so each mask is
 evaluated only over the output rows and columns that reach its above-threshold pixels; the rest
 is False. Same values as the step-by-step computation up to float rounding, without any
@@ -22,15 +22,17 @@ from detectron2.structures import Instances
 from .layers import aligned_bilinear
 
 __all__ = [
+    "Taps",
     "paste_masks",
     "paste_masks_by_steps",
     "paste_one_mask",
+    "paste_taps",
     "postprocess",
     "rescale_detections",
 ]
 
 
-class _Taps(NamedTuple):
+class Taps(NamedTuple):
     """Per output row (or column): 4 mask indices (n, 4) and their weights (n, 4)."""
 
     index: torch.Tensor
@@ -45,7 +47,7 @@ def _lerp_taps(src: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor
     return i0, i1, frac
 
 
-def _axis_taps(mask_len: int, factor: int, image_len: int, output_len: int, device) -> _Taps:
+def _axis_taps(mask_len: int, factor: int, image_len: int, output_len: int, device) -> Taps:
     """The 4 mask samples behind each output row of the aligned-upsample / crop / resize chain."""
     # Resize image_len -> output_len, align_corners=False (as F.interpolate).
     out = torch.arange(output_len, dtype=torch.float64, device=device)
@@ -61,10 +63,10 @@ def _axis_taps(mask_len: int, factor: int, image_len: int, output_len: int, devi
     b0, b1, fb = mask_taps(r1)
     index = torch.stack([a0, a1, b0, b1], dim=1)
     weight = torch.stack([(1 - fr) * (1 - fa), (1 - fr) * fa, fr * (1 - fb), fr * fb], dim=1)
-    return _Taps(index, weight.float())
+    return Taps(index, weight.float())
 
 
-def _reach(taps: _Taps, above: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _reach(taps: Taps, above: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """[start, stop), as 0-d tensors, of the output positions whose taps (with weight > 0) touch
     a mask row (or column) where `above` (mask_len,) holds; (0, 0) when none does. Tensor ops
     only, so that a traced graph keeps them dynamic."""
@@ -74,10 +76,10 @@ def _reach(taps: _Taps, above: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return torch.where(touches, positions, stop).min(), stop
 
 
-def _within(taps: _Taps, start: torch.Tensor, stop: torch.Tensor) -> _Taps:
+def _within(taps: Taps, start: torch.Tensor, stop: torch.Tensor) -> Taps:
     """The taps of output positions [start, stop)."""
     positions = torch.arange(start, stop, device=taps.index.device)
-    return _Taps(taps.index[positions], taps.weight[positions])
+    return Taps(taps.index[positions], taps.weight[positions])
 
 
 # Output pixels evaluated at once: bounds the temporary floats (x 4 taps) of one large mask.
@@ -85,7 +87,7 @@ _BLOCK_PIXELS = 1 << 20
 
 
 def _evaluate(
-    probs: torch.Tensor, rows: _Taps, cols: _Taps, threshold: float, blocks: bool = True
+    probs: torch.Tensor, rows: Taps, cols: Taps, threshold: float, blocks: bool = True
 ) -> torch.Tensor:
     """Thresholded output (n_rows, n_cols) of one (hm, wm) mask at the given rows and columns,
     computed in blocks of rows (or at once: `blocks` False, for a traced graph)."""
@@ -141,13 +143,13 @@ def paste_masks(
 ) -> torch.Tensor:
     """(D, 1, hm, wm) probabilities on the padded canvas -> (D, H, W) bool masks, as
     `paste_masks_by_steps` (up to float rounding) but evaluating only where a mask can be on."""
-    hm, wm = mask_probs.shape[2:]
     factor = _upsample_factor(mask_probs, padded_size)
     out = torch.zeros((len(mask_probs), *output_size), dtype=torch.bool, device=mask_probs.device)
     if len(mask_probs) == 0:
         return out
-    rows = _axis_taps(hm, factor, image_size[0], output_size[0], mask_probs.device)
-    cols = _axis_taps(wm, factor, image_size[1], output_size[1], mask_probs.device)
+    rows, cols = paste_taps(
+        mask_probs.shape[2:], factor, image_size, output_size, mask_probs.device
+    )
     above = mask_probs[:, 0] > threshold
     for d in torch.nonzero(above.flatten(1).any(dim=1)).squeeze(1).tolist():
         y0, y1 = _reach(rows, above[d].any(dim=1))
@@ -158,19 +160,27 @@ def paste_masks(
     return out
 
 
+def paste_taps(
+    mask_size: Tuple, factor: int, image_size: Tuple, output_size: Tuple, device
+) -> Tuple[Taps, Taps]:
+    """The taps of every output row and of every output column: one image's, shared by all its
+    (hm, wm) = `mask_size` masks. Sizes may be 0-d tensors (a trace keeps them dynamic)."""
+    return (
+        _axis_taps(mask_size[0], factor, image_size[0], output_size[0], device),
+        _axis_taps(mask_size[1], factor, image_size[1], output_size[1], device),
+    )
+
+
 def paste_one_mask(
     probs: torch.Tensor,
-    factor: int,
-    image_size: Tuple[torch.Tensor, torch.Tensor],
+    rows: Taps,
+    cols: Taps,
     output_size: Tuple[torch.Tensor, torch.Tensor],
     threshold: float = 0.5,
 ) -> torch.Tensor:
-    """`paste_masks` of one (hm, wm) mask -> (H, W) bool, in tensor ops only: sizes may be 0-d
-    tensors, and a traced graph keeps them dynamic (the ONNX export). The mask is evaluated over
-    the region it can be on, and zero-padded to (H, W)."""
-    hm, wm = probs.shape
-    rows = _axis_taps(hm, factor, image_size[0], output_size[0], probs.device)
-    cols = _axis_taps(wm, factor, image_size[1], output_size[1], probs.device)
+    """`paste_masks` of one (hm, wm) mask -> (H, W) bool, given the image's `paste_taps`, in
+    tensor ops only: sizes may be 0-d tensors, and a traced graph keeps them dynamic (the ONNX
+    export). The mask is evaluated over the region it can be on, and zero-padded to (H, W)."""
     above = probs > threshold
     y0, y1 = _reach(rows, above.any(dim=1))
     x0, x1 = _reach(cols, above.any(dim=0))
