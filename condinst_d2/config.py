@@ -81,9 +81,9 @@ def _add_condinst_config(cfg: CN) -> None:
     # Predictor: fold frozen / eval-mode batch norms into their convs (equal up to rounding, which
     # can swap near-tied detections; off: the authors' outputs)
     _C.FOLD_BATCHNORM = False
-    # inference: the backbone + FPN under bfloat16 autocast (heads in float32); faster only with
-    # bf16 hardware (AVX-512-BF16 / AMX CPUs, recent GPUs); off: float32
-    _C.BF16_BACKBONE = False
+    # inference: backbone, FPN, FCOS towers and mask branch under bfloat16 autocast (decoding and
+    # masks in float32); faster only with bf16 hardware (AVX-512-BF16 / AMX CPUs, recent GPUs)
+    _C.BF16 = False
 
     _C.MASK_HEAD = CN()
     _C.MASK_HEAD.CHANNELS = 8  # channels of the dynamic mask head's hidden layers
@@ -133,6 +133,8 @@ def add_condinst_config(cfg: CN) -> None:
     _add_efficientnet_config(cfg)
     # Deformable conv every N blocks, in the authors' codebase; accepted, must stay 1 (off).
     cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1
+    # Replaced by MODEL.CONDINST.BF16 (wider); configs saved by 0.1 releases still load (warned).
+    cfg.register_deprecated_key("MODEL.CONDINST.BF16_BACKBONE")
 
 
 def get_condinst_cfg(config_file: str, opts: Sequence[str] = ()) -> CN:

@@ -52,6 +52,6 @@ def test_benchmark_runs_and_reports_all_measurements(tmp_path):
     assert set(r["ablations"]["paste_100_masks"]) == {"restricted", "step_by_step"}
     assert all(v > 0 for v in r["ablations"]["conv3x3_256"].values())
     assert "CondInst speed-ups against what they replace" in result.stdout
-    assert set(r["ablations"]["inference_options"]) == {"float32", "folded", "bf16_backbone"}
+    assert set(r["ablations"]["inference_options"]) == {"float32", "folded", "bf16"}
     assert r["hardware"]["conv_gflops_bf16"] > 0
     assert all(r["end_to_end"][m]["candidates"] >= 100 for m in ("condinst", "mask_rcnn"))

@@ -278,6 +278,14 @@ def test_export_tool_errors(export_tool, tmp_path, logs, opts, message):
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
 
 
+def test_export_tool_exports_a_bf16_config_in_float32(export_tool, tmp_path, logs):
+    output = tmp_path / "model.onnx"
+    assert export_tool.main(_tool_args(output, "MODEL.CONDINST.BF16", True)) == 0
+    assert "MODEL.CONDINST.BF16 does not export" in logs.text
+    weights = onnx.load(str(output)).graph.initializer
+    assert weights and all(w.data_type != onnx.TensorProto.BFLOAT16 for w in weights)
+
+
 def test_export_tool_unwritable_output(export_tool, tmp_path, logs):
     output = tmp_path / "missing_folder" / "model.onnx"
     assert export_tool.main(_tool_args(output)) == 1

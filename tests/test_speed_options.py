@@ -1,6 +1,6 @@
 """The opt-in speed options: fold_batchnorm (MODEL.CONDINST.FOLD_BATCHNORM) gives the same
-predictions up to float rounding, and the bf16 backbone (MODEL.CONDINST.BF16_BACKBONE) runs and
-finds the same objects, on the authors' tiny fixture models; training runs under autocast
+predictions up to float rounding, and bf16 inference (MODEL.CONDINST.BF16) runs its dense convolutions
+in bf16, the rest in float32, and finds the same objects, on the authors' tiny fixture models; training runs under autocast
 (SOLVER.AMP's path, on a GPU), which SOLVER.AMP refuses on a CPU."""
 
 import copy
@@ -13,6 +13,7 @@ from detectron2.structures import pairwise_iou
 from torch import nn
 
 from condinst_d2.checkpoint import CondInstCheckpointer
+from condinst_d2.config import get_condinst_cfg
 from condinst_d2.engine import check_solver
 from condinst_d2.modeling.fold_batchnorm import fold_batchnorm
 from condinst_d2.predictor import Predictor
@@ -66,17 +67,41 @@ def test_predictor_folds_when_configured(fold):
     assert (_norms(predictor.model) == 0) == fold
 
 
-def test_bf16_backbone_finds_the_same_objects():
+def _output_dtypes(model: nn.Module, names) -> dict:
+    """Records the dtype of the output of each named submodule at its last call."""
+    dtypes = {}
+    for name in names:
+        module = model.get_submodule(name)
+        module.register_forward_hook(lambda m, args, out, n=name: dtypes.update({n: out.dtype}))
+    return dtypes
+
+
+def test_bf16_runs_the_dense_convs_in_bf16_and_finds_the_same_objects():
     """bf16 keeps 8 bits of mantissa: on this random tiny model the near-tied scores reorder, so
     the bar is that each of float32's 5 best boxes is found again (IoU > 0.5)."""
     model = _fixture_model("tiny_base")
     ref = _predict(model, "tiny_base")
-    model.bf16_backbone = True
+    model.bf16 = True
+    dense = ["proposal_generator.fcos_head.cls_logits", "mask_branch.tower"]
+    dtypes = _output_dtypes(model, dense + ["mask_head"])
     out = _predict(model, "tiny_base")
+    assert dtypes == {
+        dense[0]: torch.bfloat16,
+        dense[1]: torch.bfloat16,
+        "mask_head": torch.float32,
+    }
     assert out.scores.dtype == out.pred_boxes.tensor.dtype == torch.float32
     assert out.pred_masks.shape[1:] == ref.pred_masks.shape[1:]
     assert len(out) > 50 and abs(len(out) - len(ref)) <= 5
     assert (pairwise_iou(ref.pred_boxes[:5], out.pred_boxes).max(dim=1).values > 0.5).all()
+
+
+def test_a_config_saved_with_the_replaced_bf16_backbone_key_still_loads(tmp_path):
+    saved = tmp_path / "config.yaml"
+    cfg = small_cfg()
+    saved.write_text(cfg.dump().replace("    BF16: false", "    BF16_BACKBONE: false"))
+    assert "BF16_BACKBONE" in saved.read_text()
+    assert get_condinst_cfg(str(saved)).MODEL.CONDINST.BF16 is False
 
 
 def test_training_runs_under_autocast_with_close_losses():

@@ -93,6 +93,9 @@ def build(args: argparse.Namespace):
             raise ExportFailure(f"cannot load MODEL.WEIGHTS {weights}: {e}") from e
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting RANDOM weights")
+    if model.bf16:
+        logger.warning("MODEL.CONDINST.BF16 does not export: the graph and its check run in float32")
+        model.bf16 = False
     return cfg, model
 
 

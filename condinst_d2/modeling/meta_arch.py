@@ -88,7 +88,7 @@ class CondInst(nn.Module):
         mask_nms_post_topk: int = 100,
         mask_threshold: float = 0.5,
         channels_last: bool = False,
-        bf16_backbone: bool = False,
+        bf16: bool = False,
     ):
         """
         Args:
@@ -102,10 +102,11 @@ class CondInst(nn.Module):
                 runs in that layout, which cuDNN prefers (results equal up to rounding; on the
                 benchmark's CPU a 256-channel conv was as fast in either layout). Training keeps
                 the standard layout, whose gradients match the authors'.
-            bf16_backbone: at inference, run the backbone (with its FPN) under bfloat16 autocast
-                on the model's device, its features then cast back to float32 for the heads and
-                the decoding. Faster only where the hardware has bf16 arithmetic (AVX-512-BF16,
-                AMX, recent GPUs); outputs differ from float32's.
+            bf16: at inference, run the dense convolutions (backbone, FPN, FCOS towers and
+                predictors, mask branch) under bfloat16 autocast on the model's device; the
+                decoding, the controller, the dynamic mask head and the paste run in float32.
+                Faster only where the hardware has bf16 arithmetic (AVX-512-BF16, AMX, recent
+                GPUs); outputs differ from float32's.
         """
         super().__init__()
         self.backbone = backbone
@@ -119,7 +120,7 @@ class CondInst(nn.Module):
         self.mask_nms_post_topk = mask_nms_post_topk
         self.mask_threshold = mask_threshold
         self.channels_last = channels_last
-        self.bf16_backbone = bf16_backbone
+        self.bf16 = bf16
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -150,7 +151,7 @@ class CondInst(nn.Module):
             "mask_nms_thresh": ci.MASK_NMS_TH,
             "mask_nms_post_topk": ci.MASK_NMS_POST_TOPK,
             "channels_last": ci.CHANNELS_LAST,
-            "bf16_backbone": ci.BF16_BACKBONE,
+            "bf16": ci.BF16,
         }
 
     @property
@@ -169,10 +170,11 @@ class CondInst(nn.Module):
         images = self.preprocess_image(batched_inputs)
         if self.training:
             return self.forward_training(batched_inputs, images, self.backbone(images.tensor))
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16_backbone):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             features = self.backbone(images.tensor)
-        features = {name: x.float() for name, x in features.items()}
-        return self.forward_inference(batched_inputs, images, features)
+            mask_feats, _ = self.mask_branch(features)
+            detections, _ = self.proposal_generator(images, features)  # decoded in float32
+        return self.forward_inference(batched_inputs, images, mask_feats.float(), detections)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [move_device_like(x["image"], self.pixel_mean) for x in batched_inputs]
@@ -199,11 +201,15 @@ class CondInst(nn.Module):
         return losses
 
     def forward_inference(
-        self, batched_inputs: List[Dict], images: ImageList, features: Dict[str, torch.Tensor]
+        self,
+        batched_inputs: List[Dict],
+        images: ImageList,
+        mask_feats: torch.Tensor,
+        detections: List[Instances],
     ) -> List[Dict]:
+        """The masks of FCOS's `detections` from `mask_feats` (N, Cm, h, w), pasted at each
+        input's output size."""
         padded_size = tuple(images.tensor.shape[-2:])
-        mask_feats, _ = self.mask_branch(features)
-        detections, _ = self.proposal_generator(images, features)
         mask_probs = self.mask_head(mask_feats, _cat_images(detections, padded_size)).sigmoid()
         per_image = list(zip(detections, mask_probs.split([len(d) for d in detections])))
         if self.mask_nms:

@@ -190,7 +190,10 @@ class FCOS(nn.Module):
         outputs = self.fcos_head(feats)
         if self.training:
             return self.forward_training(outputs, locations, gt_instances, images)
-        return self.inference(outputs, locations, images.image_sizes), {}
+        # Decoding and controller in float32, also when the head ran under autocast.
+        outputs = HeadOutputs(*([x.float() for x in level] for level in outputs))
+        with torch.autocast(feats[0].device.type, enabled=False):
+            return self.inference(outputs, locations, images.image_sizes), {}
 
     def level_locations(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         """Image coordinates (Ml, 2) of the locations of each of the L (N, C, Hl, Wl) levels."""
