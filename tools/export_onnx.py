@@ -94,7 +94,9 @@ def build(args: argparse.Namespace):
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting RANDOM weights")
     if model.bf16:
-        logger.warning("MODEL.CONDINST.BF16 does not export: the graph and its check run in float32")
+        logger.warning(
+            "MODEL.CONDINST.BF16 does not export: the graph and its check run in float32"
+        )
         model.bf16 = False
     return cfg, model
 
