@@ -4,6 +4,7 @@ in bf16, the rest in float32, and finds the same objects, on the authors' tiny f
 (SOLVER.AMP's path, on a GPU), which SOLVER.AMP refuses on a CPU."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from condinst_d2.checkpoint import CondInstCheckpointer
 from condinst_d2.config import get_condinst_cfg
 from condinst_d2.engine import check_solver
+from condinst_d2.modeling import meta_arch
 from condinst_d2.modeling.fold_batchnorm import fold_batchnorm
 from condinst_d2.predictor import Predictor
 
@@ -94,6 +96,15 @@ def test_bf16_runs_the_dense_convs_in_bf16_and_finds_the_same_objects():
     assert out.pred_masks.shape[1:] == ref.pred_masks.shape[1:]
     assert len(out) > 50 and abs(len(out) - len(ref)) <= 5
     assert (pairwise_iou(ref.pred_boxes[:5], out.pred_boxes).max(dim=1).values > 0.5).all()
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(monkeypatch, caplog, has_bf16):
+    monkeypatch.setattr(meta_arch, "_cpu_has_bf16", lambda: has_bf16)
+    # Detectron2's setup_logger (run by other tests' tools) stops it from propagating.
+    monkeypatch.setattr(logging.getLogger("condinst_d2"), "propagate", True)
+    build_model(small_cfg(**{"MODEL.WEIGHTS": "", "MODEL.CONDINST.BF16": True}))
+    assert ("this CPU has no bf16 arithmetic" in caplog.text) == (not has_bf16)
 
 
 def test_a_config_saved_with_the_replaced_bf16_backbone_key_still_loads(tmp_path):

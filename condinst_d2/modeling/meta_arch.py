@@ -5,6 +5,7 @@ Shape shorthand: N: images, Hp x Wp: padded batch size, G: ground truths of one 
 P: positive locations, D: detections.
 """
 
+import logging
 from typing import Dict, List, Tuple
 
 import torch
@@ -22,6 +23,21 @@ from .mask_nms import mask_nms
 from .postprocessing import postprocess
 
 __all__ = ["CondInst"]
+
+logger = logging.getLogger(__name__)
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX-512 or Arm bf16)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _warn_if_bf16_is_slow(cfg) -> None:
+    if cfg.MODEL.CONDINST.BF16 and cfg.MODEL.DEVICE == "cpu" and not _cpu_has_bf16():
+        logger.warning(
+            "MODEL.CONDINST.BF16 is on, but this CPU has no bf16 arithmetic: inference will be "
+            "several times slower than float32; set MODEL.CONDINST.BF16 False"
+        )
 
 
 def _check_condinst_config(cfg) -> None:
@@ -127,6 +143,7 @@ class CondInst(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         _check_condinst_config(cfg)
+        _warn_if_bf16_is_slow(cfg)
         ci = cfg.MODEL.CONDINST
         backbone = build_backbone(cfg)
         mask_branch = MaskBranch(cfg, backbone.output_shape())
