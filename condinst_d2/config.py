@@ -133,7 +133,7 @@ def add_condinst_config(cfg: CN) -> None:
     _add_efficientnet_config(cfg)
     # Deformable conv every N blocks, in the authors' codebase; accepted, must stay 1 (off).
     cfg.MODEL.RESNETS.DEFORM_INTERVAL = 1
-    # Replaced by MODEL.CONDINST.BF16 (wider); configs saved by 0.1 releases still load (warned).
+    # Replaced by the wider MODEL.CONDINST.BF16; configs saved before still load (ignored, warned).
     cfg.register_deprecated_key("MODEL.CONDINST.BF16_BACKBONE")
 
 
