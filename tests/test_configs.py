@@ -1,6 +1,7 @@
 """Every YAML merges and builds; the authors' merged configs merge unchanged; bad settings fail early."""
 
 import pytest
+import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -121,3 +122,16 @@ def test_inconsistent_settings_fail_at_build(overrides, message):
     cfg = condinst_cfg(SMALL, **overrides)
     with pytest.raises(ValueError, match=message):
         build_model(cfg)
+
+
+def test_p2_config_reads_its_mask_features_at_stride_4():
+    cfg = condinst_cfg(ROOT / "configs/CondInst/EfficientNetLite0_P2_CPU.yaml")
+    model = build_model(cfg).eval()
+    shapes = []
+    model.mask_branch.register_forward_hook(lambda m, args, out: shapes.append(out[0].shape))
+    with torch.no_grad():
+        (out,) = model([{"image": torch.randint(0, 255, (3, 128, 160)).float()}])
+    assert model.mask_branch.in_features == ["p2", "p3", "p4", "p5"]
+    assert shapes[0][-2:] == (32, 40)  # stride 4 of the 128x160 input
+    assert out["instances"].pred_masks.shape[1:] == (128, 160)
+    assert model.proposal_generator.in_features == ["p3", "p4", "p5", "p6", "p7"]
