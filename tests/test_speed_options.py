@@ -1,7 +1,8 @@
 """The opt-in speed options: fold_batchnorm (MODEL.CONDINST.FOLD_BATCHNORM) gives the same
-predictions up to float rounding, and bf16 inference (MODEL.CONDINST.BF16) runs its dense convolutions
-in bf16, the rest in float32, and finds the same objects, on the authors' tiny fixture models; training runs under autocast
-(SOLVER.AMP's path, on a GPU), which SOLVER.AMP refuses on a CPU."""
+predictions up to float rounding, and bf16 inference (MODEL.CONDINST.BF16) runs its dense
+convolutions in bf16, the rest in float32, and finds the same objects, on the authors' tiny
+fixture models; training runs under autocast (SOLVER.AMP's path, on a GPU), which SOLVER.AMP
+refuses on a CPU."""
 
 import copy
 import logging
