@@ -207,14 +207,14 @@ FRUITS_RUN += ["DATALOADER.NUM_WORKERS", 0, "SEED", 1]
 
 @pytest.fixture(scope="module")
 def fruits_condinst(tmp_path_factory):
-    """Fast version of the README's fruits_nuts run: CondInst, 100 iterations on the 18 photos,
+    """Fast version of the README's fruits_nuts run: CondInst, 60 iterations on the 18 photos,
     logging the FCOS losses by level. Returns its total losses, its results, its model_final.pth
     and the per-iteration values of every logged loss (name -> list)."""
     if not FRUITS.is_dir():
         pytest.skip(f"fruits_nuts dataset not at {FRUITS}")
     out = tmp_path_factory.mktemp("fruits_condinst")
     dataset = (str(FRUITS / "trainval.json"), str(FRUITS / "images"))
-    opts = ["SOLVER.MAX_ITER", 100, "SOLVER.STEPS", "(80,)", "SOLVER.WARMUP_ITERS", 20]
+    opts = ["SOLVER.MAX_ITER", 60, "SOLVER.STEPS", "(48,)", "SOLVER.WARMUP_ITERS", 20]
     opts += ["MODEL.FCOS.LOG_LEVEL_LOSSES", True]
     cfg = build_cfg(
         EFFICIENTNET,
