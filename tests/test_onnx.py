@@ -335,3 +335,17 @@ def test_demo_onnx_images_video_and_json(tiny, tmp_path, logs):
         assert movie.stat().st_size > 1000
     assert demo.main(["--onnx", str(json_path), "--input", str(folder), "--output", str(out)]) == 1
     assert "is not a readable ONNX model" in logs.text
+
+
+def test_the_mask_head_runs_in_the_scan_one_detection_at_a_time(tiny):
+    """No (D, channels, h*w) mask-head activations at once: every matrix product of the dynamic
+    mask head (one per layer) is in the Scan's body, none in the graph around it."""
+    graph = onnx.load(str(tiny[1])).graph
+    (if_node,) = [n for n in graph.node if n.op_type == "If" and n.output[0] == "masks"]
+    branch = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    (scan,) = branch.node
+    body = next(a.g for a in scan.attribute if a.name == "body")
+    layers = tiny[0].mask_head.weight_nums
+    assert [n.op_type for n in body.node].count("MatMul") == len(layers)
+    assert "MatMul" not in [n.op_type for n in graph.node]
+    assert [x.name for x in body.input] == [f"mask/{name}/one" for name in scan.input]

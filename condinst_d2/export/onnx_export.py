@@ -7,12 +7,13 @@ XYXY, `scores` (D,), `classes` (D,) int64, `masks` (D, H, W) bool, D dynamic (0 
 
 The traced part is the library's own inference: `preprocess_image`, backbone, mask branch (no
 semantic head at inference), FCOS decoding and NMS (`candidates_single_level`,
-`select_over_all_levels`: ONNX NonMaxSuppression), the controller at the detections, the
-dynamic mask head, `rescale_detections` and the image's `paste_taps` (which mask pixels, with
-which weights, make each output row and column). The paste, `paste_one_mask` (the PyTorch path's
-`paste_masks` of one mask: evaluated only over the region the mask can be on), runs one mask at a
-time in an ONNX Scan appended to the traced graph, reading the taps from it, so that no float
-mask of the output size exists (D of them at 800x1216 would be 400 MB).
+`select_over_all_levels`: ONNX NonMaxSuppression), the controller at the detections,
+`rescale_detections` and the image's `paste_taps` (which mask pixels, with which weights, make
+each output row and column). Each detection's mask is then made in an ONNX Scan appended to the
+traced graph, one detection at a time: the dynamic mask head on the mask features, and
+`paste_one_mask` (the PyTorch path's `paste_masks` of one mask: evaluated only over the region
+the mask can be on). So neither the D detections' mask-head activations (D x 10 channels at
+stride 8: 280 MB at 2500x1800 for 100) nor float masks of the output size exist at once.
 """
 
 import io
@@ -22,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import onnx
 import torch
+from detectron2.structures import Instances
 from onnx import TensorProto, helper
 
 from ..modeling.meta_arch import CondInst
@@ -41,8 +43,10 @@ FORMAT_VERSION = "1"
 OPSET = 17
 INPUT_NAMES = ["image", "output_hw"]
 OUTPUT_NAMES = ["boxes", "scores", "classes", "masks"]
-# The paste's per-image inputs: the traced graph's outputs that the Scan body reads.
+# The per-image inputs of the mask Scan: the traced graph's outputs that its body reads.
 TAP_NAMES = ["rows_index", "rows_weight", "cols_index", "cols_weight"]
+# The per-detection inputs of the mask Scan: what the dynamic mask head needs of a detection.
+DETECTION_NAMES = ["mask_head_params", "locations", "fpn_levels"]
 _TAP_AXES = {name: {0: "H" if name.startswith("rows") else "W"} for name in TAP_NAMES}
 
 
@@ -62,8 +66,9 @@ def check_exportable(model: CondInst) -> None:
 
 
 class _Detector(torch.nn.Module):
-    """The traced part: image -> boxes, scores, classes at output_hw, the kept detections' mask
-    probabilities (D, 1, hm, wm) on the padded canvas, and the image's `paste_taps` (rows: (H, 4)
+    """The traced part: image -> boxes, scores, classes at output_hw; the mask features
+    (1, Cm, h, w) and, of each kept detection, its `DETECTION_NAMES` ((D, P) dynamic
+    parameters, (D, 2) location, (D,) FPN level); and the image's `paste_taps` (rows: (H, 4)
     index and weight, columns: (W, 4))."""
 
     def __init__(self, model: CondInst):
@@ -76,11 +81,11 @@ class _Detector(torch.nn.Module):
         features = model.backbone(images.tensor)
         mask_feats, _ = model.mask_branch(features)
         detections = model.proposal_generator(images, features)[0][0]
-        mask_probs = model.mask_head(mask_feats, detections).sigmoid()
         result, keep = rescale_detections(detections, output_hw[0], output_hw[1])
         image_hw = torch._shape_as_tensor(image)[1:]
+        factor = model.mask_head.mask_feat_stride // model.mask_head.mask_out_stride
         rows, cols = paste_taps(
-            mask_probs.shape[2:],
+            (mask_feats.shape[2] * factor, mask_feats.shape[3] * factor),
             model.mask_head.mask_out_stride,
             (image_hw[0], image_hw[1]),
             (output_hw[0], output_hw[1]),
@@ -90,21 +95,32 @@ class _Detector(torch.nn.Module):
             result.pred_boxes.tensor,
             result.scores,
             result.pred_classes,
-            mask_probs[keep],
+            mask_feats,
+            *(detections.get(name)[keep] for name in DETECTION_NAMES),
             *rows,
             *cols,
         )
 
 
-class _PasteOne(torch.nn.Module):
-    """The paste of one mask: (1, 1, hm, wm) probabilities and the image's taps -> (1, H, W)
-    bool."""
+class _MaskOne(torch.nn.Module):
+    """The mask of one detection: the mask features (1, Cm, h, w), the detection's
+    `DETECTION_NAMES` ((1, P), (1, 2), (1,)) and the image's taps -> (1, H, W) bool."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, model: CondInst):
         super().__init__()
-        self.threshold = threshold
+        self.mask_head = model.mask_head
+        self.threshold = model.mask_threshold
 
-    def forward(self, probs, rows_index, rows_weight, cols_index, cols_weight, output_hw):
+    def forward(self, mask_feats, params, locations, levels, *taps_and_output_hw):
+        detection = Instances((1, 1))
+        detection.im_inds = torch.zeros_like(levels)
+        detection.mask_head_params, detection.locations, detection.fpn_levels = (
+            params,
+            locations,
+            levels,
+        )
+        probs = self.mask_head(mask_feats, detection).sigmoid()
+        rows_index, rows_weight, cols_index, cols_weight, output_hw = taps_and_output_hw
         rows, cols = Taps(rows_index, rows_weight), Taps(cols_index, cols_weight)
         output_size = (output_hw[0], output_hw[1])
         return paste_one_mask(probs[0, 0], rows, cols, output_size, self.threshold)[None]
@@ -151,40 +167,54 @@ def _prefixed(graph: onnx.GraphProto, prefix: str, keep: Dict[str, str]) -> List
     return nodes
 
 
-def _append_paste_scan(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
-    """Replaces main's `mask_probs` and taps outputs by `masks` (D, H, W) bool, computed by a Scan
-    that runs `paste` on one detection at a time (reading the taps and `output_hw` from the outer
-    graph).
+def _append_mask_scan(main: onnx.ModelProto, mask_one: onnx.ModelProto) -> None:
+    """Replaces main's mask features, `DETECTION_NAMES` and taps outputs by `masks` (D, H, W)
+    bool, computed by a Scan that runs `mask_one` on one detection at a time (reading the mask
+    features, the taps and `output_hw` from the outer graph).
 
     A Scan, not a Loop: ONNX Runtime writes each Scan iteration's output straight into the final
     (D, H, W) tensor, whereas a Loop keeps every iteration's output and concatenates them at the
     end, holding the D masks twice."""
     graph = main.graph
-    inputs = [x.name for x in paste.graph.input]  # probs, *TAP_NAMES, output_hw
+    outer = ["mask_feats", *TAP_NAMES, "output_hw"]
+    one = {name: f"mask/{name}/one" for name in DETECTION_NAMES}  # a scan slice, rank - 1
     body_nodes = [
-        helper.make_node("Unsqueeze", ["paste/one", "paste/axis0"], [inputs[0]]),
-        *_prefixed(paste.graph, "paste/", {name: name for name in inputs}),
-        helper.make_node(
-            "Squeeze", ["paste/" + paste.graph.output[0].name, "paste/axis0"], ["mask"]
-        ),
+        helper.make_node("Unsqueeze", [one[name], "mask/axis0"], ["mask/" + name])
+        for name in DETECTION_NAMES
     ]
-    initializers = [helper.make_tensor("paste/axis0", TensorProto.INT64, [1], [0])]
-    for init in paste.graph.initializer:
+    body_nodes += _prefixed(mask_one.graph, "mask/", {name: name for name in outer})
+    body_nodes.append(
+        helper.make_node(
+            "Squeeze", ["mask/" + mask_one.graph.output[0].name, "mask/axis0"], ["mask"]
+        )
+    )
+    initializers = [helper.make_tensor("mask/axis0", TensorProto.INT64, [1], [0])]
+    for init in mask_one.graph.initializer:
         init = onnx.TensorProto.FromString(init.SerializeToString())
-        init.name = "paste/" + init.name
+        init.name = "mask/" + init.name
         initializers.append(init)
+    slices = {x.name: x.type.tensor_type for x in main.graph.output if x.name in one}
     body = helper.make_graph(
         body_nodes,
-        "paste_one_mask",
-        [helper.make_tensor_value_info("paste/one", TensorProto.FLOAT, [1, "hm", "wm"])],
+        "mask_of_one_detection",
+        [
+            helper.make_tensor_value_info(
+                one[name], slices[name].elem_type, [None] * (len(slices[name].shape.dim) - 1)
+            )
+            for name in DETECTION_NAMES
+        ],
         [helper.make_tensor_value_info("mask", TensorProto.BOOL, ["H", "W"])],
         initializer=initializers,
     )
     # ONNX Runtime refuses a Scan over 0 detections: an If gives (0, H, W) for them instead.
     masks_type = [helper.make_tensor_value_info("masks", TensorProto.BOOL, ["D", "H", "W"])]
     scan = helper.make_graph(
-        [helper.make_node("Scan", ["mask_probs"], ["masks"], body=body, num_scan_inputs=1)],
-        "paste_all",
+        [
+            helper.make_node(
+                "Scan", DETECTION_NAMES, ["masks"], body=body, num_scan_inputs=len(DETECTION_NAMES)
+            )
+        ],
+        "masks_of_all_detections",
         [],
         masks_type,
     )
@@ -205,7 +235,7 @@ def _append_paste_scan(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
     )
     graph.node.extend(
         [
-            helper.make_node("Shape", ["mask_probs"], ["num_masks_1d"], start=0, end=1),
+            helper.make_node("Shape", [DETECTION_NAMES[0]], ["num_masks_1d"], start=0, end=1),
             helper.make_node("Squeeze", ["num_masks_1d"], ["num_masks"]),
             helper.make_node(
                 "Constant",
@@ -217,10 +247,33 @@ def _append_paste_scan(main: onnx.ModelProto, paste: onnx.ModelProto) -> None:
             helper.make_node("If", ["any_mask"], ["masks"], then_branch=scan, else_branch=empty),
         ]
     )
-    kept = [o for o in graph.output if o.name not in ["mask_probs", *TAP_NAMES]]
+    kept = [o for o in graph.output if o.name in OUTPUT_NAMES]
     del graph.output[:]
     graph.output.extend(kept)
     graph.output.append(helper.make_tensor_value_info("masks", TensorProto.BOOL, ["D", "H", "W"]))
+
+
+def _trace_mask_one(model: CondInst) -> onnx.ModelProto:
+    """`_MaskOne` traced on a small sample (any content)."""
+    head = model.mask_head
+    mask_feats = torch.rand(1, head.in_channels, 4, 6)
+    factor = head.mask_feat_stride // head.mask_out_stride
+    output_size = torch.tensor([60, 90])
+    rows, cols = paste_taps(
+        (4 * factor, 6 * factor), head.mask_out_stride, (30, 45), tuple(output_size), "cpu"
+    )
+    detection = (
+        torch.randn(1, head.num_params),
+        torch.rand(1, 2) * 30,
+        torch.zeros(1, dtype=torch.int64),
+    )
+    return _trace(
+        _MaskOne(model).eval(),
+        (mask_feats, *detection, *rows, *cols, output_size),
+        ["mask_feats", *DETECTION_NAMES, *TAP_NAMES, "output_hw"],
+        ["mask"],
+        {"mask_feats": {2: "hf", 3: "wf"}, "mask": {1: "H", 2: "W"}, **_TAP_AXES},
+    )
 
 
 @torch.no_grad()
@@ -244,27 +297,18 @@ def export_onnx(
         _Detector(model).eval(),
         (sample_image, output_hw),
         INPUT_NAMES,
-        ["boxes", "scores", "classes", "mask_probs", *TAP_NAMES],
+        ["boxes", "scores", "classes", "mask_feats", *DETECTION_NAMES, *TAP_NAMES],
         {
             "image": {1: "h", 2: "w"},
             "boxes": {0: "D"},
             "scores": {0: "D"},
             "classes": {0: "D"},
-            "mask_probs": {0: "D", 2: "hm", 3: "wm"},
+            "mask_feats": {2: "hf", 3: "wf"},
+            **{name: {0: "D"} for name in DETECTION_NAMES},
             **_TAP_AXES,
         },
     )
-    factor = model.mask_head.mask_out_stride
-    output_size = torch.tensor([60, 90])
-    taps = paste_taps((8, 12), factor, (30, 45), tuple(output_size), "cpu")
-    paste = _trace(
-        _PasteOne(model.mask_threshold).eval(),
-        (torch.rand(1, 1, 8, 12), *taps[0], *taps[1], output_size),
-        ["probs", *TAP_NAMES, "output_hw"],
-        ["mask"],
-        {"probs": {2: "hm", 3: "wm"}, "mask": {1: "H", 2: "W"}, **_TAP_AXES},
-    )
-    _append_paste_scan(main, paste)
+    _append_mask_scan(main, _trace_mask_one(model))
     entries = {METADATA_MARKER: FORMAT_VERSION, **metadata}
     for key, value in entries.items():
         main.metadata_props.add(key=key, value=value)
