@@ -112,13 +112,10 @@ class _MaskOne(torch.nn.Module):
         self.threshold = model.mask_threshold
 
     def forward(self, mask_feats, params, locations, levels, *taps_and_output_hw):
-        detection = Instances((1, 1))
-        detection.im_inds = torch.zeros_like(levels)
-        detection.mask_head_params, detection.locations, detection.fpn_levels = (
-            params,
-            locations,
-            levels,
-        )
+        # The mask head reads these fields only; the image size is not used.
+        detection = Instances((1, 1), im_inds=torch.zeros_like(levels))
+        for name, value in zip(DETECTION_NAMES, (params, locations, levels)):
+            detection.set(name, value)
         probs = self.mask_head(mask_feats, detection).sigmoid()
         rows_index, rows_weight, cols_index, cols_weight, output_hw = taps_and_output_hw
         rows, cols = Taps(rows_index, rows_weight), Taps(cols_index, cols_weight)
