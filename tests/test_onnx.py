@@ -229,6 +229,19 @@ def test_metadata_and_test_size(tiny):
         assert resized_size(h, w, 800, 1333) == (expected.new_h, expected.new_w)
 
 
+def test_export_takes_the_class_names_and_their_number_from_the_checkpoint(export_tool, tmp_path):
+    """A checkpoint saved by training records its classes: the exported file carries them, and
+    the config's NUM_CLASSES (80 here) follows the checkpoint's, without any override."""
+    names = [f"thing_{i}" for i in range(80)]
+    state = torch.load(FIXTURES / "tiny_base" / "model.pth", weights_only=False)["model"]
+    weights = tmp_path / "trained.pth"
+    torch.save({"model": state, "class_names": names}, weights)
+    output = tmp_path / "model.onnx"
+    args = _tool_args(output, "MODEL.WEIGHTS", weights, "MODEL.FCOS.NUM_CLASSES", 3)
+    assert export_tool.main(args + ["INPUT.MIN_SIZE_TEST", "256"]) == 0
+    assert CondInstOnnx(str(output)).class_names == names
+
+
 def test_files_that_are_not_ours_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         CondInstOnnx(str(tmp_path / "missing.onnx"))

@@ -19,11 +19,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from condinst_d2.checkpoint import CondInstCheckpointer
+from condinst_d2.classes import get_class_names, inference_config
 from condinst_d2.config import get_condinst_cfg
 from condinst_d2.data import read_image, render_scene
 from condinst_d2.export import OnnxExportError, config_metadata, export_onnx
@@ -83,6 +83,10 @@ def build(args: argparse.Namespace):
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise ExportFailure(f"MODEL.WEIGHTS file not found: {weights}")
     try:
+        cfg = inference_config(cfg)  # the checkpoint's classes, their number and names
+    except ValueError as e:
+        raise ExportFailure(str(e)) from e
+    try:
         model = build_model(cfg).eval()
     except (KeyError, ValueError, AssertionError) as e:
         raise ExportFailure(f"{args.config_file}: cannot build the model: {e}") from e
@@ -123,18 +127,11 @@ def compare(model: torch.nn.Module, onnx_path: str, bgr_image: np.ndarray) -> Di
     return detection_differences(ours, reference)
 
 
-def class_names(cfg) -> List[str]:
-    """DATASETS.TEST[0]'s thing_classes when registered, else none (classes are indices)."""
-    if not cfg.DATASETS.TEST:
-        return []
-    return list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []))
-
-
 def run(args: argparse.Namespace) -> Dict:
     check_output(args.output)
     cfg, model = build(args)
     image = test_image(args.test_image)
-    metadata = config_metadata(cfg, class_names(cfg))
+    metadata = config_metadata(cfg, get_class_names(cfg, read_checkpoint=False) or [])
     sample = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     try:
         onnx_model = export_onnx(model, sample, metadata)
