@@ -83,7 +83,7 @@ class _Detector(torch.nn.Module):
         detections = model.proposal_generator(images, features)[0][0]
         result, keep = rescale_detections(detections, output_hw[0], output_hw[1])
         image_hw = torch._shape_as_tensor(image)[1:]
-        factor = model.mask_head.mask_feat_stride // model.mask_head.mask_out_stride
+        factor = model.mask_head.upsample_factor
         rows, cols = paste_taps(
             (mask_feats.shape[2] * factor, mask_feats.shape[3] * factor),
             model.mask_head.mask_out_stride,
@@ -254,7 +254,7 @@ def _trace_mask_one(model: CondInst) -> onnx.ModelProto:
     """`_MaskOne` traced on a small sample (any content)."""
     head = model.mask_head
     mask_feats = torch.rand(1, head.in_channels, 4, 6)
-    factor = head.mask_feat_stride // head.mask_out_stride
+    factor = head.upsample_factor
     output_size = torch.tensor([60, 90])
     rows, cols = paste_taps(
         (4 * factor, 6 * factor), head.mask_out_stride, (30, 45), tuple(output_size), "cpu"

@@ -204,6 +204,11 @@ class DynamicMaskHead(nn.Module):
         }
 
     @property
+    def upsample_factor(self) -> int:
+        """f: how much finer the output masks are than the mask features."""
+        return self.mask_feat_stride // self.mask_out_stride
+
+    @property
     def num_params(self) -> int:
         """P: the number of parameters the controller generates per instance."""
         return sum(self.weight_nums) + sum(self.bias_nums)
@@ -233,8 +238,7 @@ class DynamicMaskHead(nn.Module):
             x = torch.baddbmm(bias, weight, x)  # (R, out, h*w)
             if i < len(weights) - 1:
                 x = F.relu(x)
-        factor = self.mask_feat_stride // self.mask_out_stride
-        return aligned_bilinear(x.reshape(x.shape[0], 1, h, w), factor)
+        return aligned_bilinear(x.reshape(x.shape[0], 1, h, w), self.upsample_factor)
 
     def add_targets(
         self, gt_instances: List[Instances], batched_inputs: List[Dict], padded_size: Sequence[int]
