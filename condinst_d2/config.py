@@ -81,8 +81,9 @@ def _add_condinst_config(cfg: CN) -> None:
     # Predictor: fold frozen / eval-mode batch norms into their convs (equal up to rounding, which
     # can swap near-tied detections; off: the authors' outputs)
     _C.FOLD_BATCHNORM = False
-    # inference: backbone, FPN, FCOS towers and mask branch under bfloat16 autocast (decoding and
-    # masks in float32); faster only with bf16 hardware (AVX-512-BF16 / AMX CPUs, recent GPUs)
+    # training and inference: backbone, FPN, FCOS towers and mask branch under bfloat16 autocast
+    # (losses, decoding and masks in float32); faster only with bf16 hardware (AVX-512-BF16 / AMX
+    # CPUs, recent GPUs)
     _C.BF16 = False
 
     _C.MASK_HEAD = CN()

@@ -132,7 +132,8 @@ def check_solver(cfg: CfgNode) -> None:
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise ValueError(
             f"SOLVER.AMP.ENABLED needs a CUDA GPU (Detectron2's AMPTrainer); MODEL.DEVICE is "
-            f"{cfg.MODEL.DEVICE!r}: set SOLVER.AMP.ENABLED False"
+            f"{cfg.MODEL.DEVICE!r}: set SOLVER.AMP.ENABLED False (on a CPU with bf16 "
+            f"arithmetic, MODEL.CONDINST.BF16 True trains in bf16)"
         )
     if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
         raise ValueError(

@@ -1,8 +1,8 @@
 """The opt-in speed options: fold_batchnorm (MODEL.CONDINST.FOLD_BATCHNORM) gives the same
-predictions up to float rounding, and bf16 inference (MODEL.CONDINST.BF16) runs its dense
-convolutions in bf16, the rest in float32, and finds the same objects, on the authors' tiny
-fixture models; training runs under autocast (SOLVER.AMP's path, on a GPU), which SOLVER.AMP
-refuses on a CPU."""
+predictions up to float rounding, and bf16 (MODEL.CONDINST.BF16) runs the dense convolutions in
+bf16, the rest in float32: at inference it finds the same objects, in training its losses and
+gradients are float32's up to bf16 rounding, on the authors' tiny fixture models; training also
+runs under autocast (SOLVER.AMP's path, on a GPU), which SOLVER.AMP refuses on a CPU."""
 
 import copy
 import logging
@@ -131,6 +131,52 @@ def test_training_runs_under_autocast_with_close_losses():
     for name, loss in losses.items():
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         torch.testing.assert_close(loss, ref[name], rtol=0.05, atol=0.02, msg=name)
+
+
+@pytest.mark.parametrize("case", ["tiny_base", "tiny_sem"])
+def test_bf16_training_runs_the_dense_convs_in_bf16_with_float32_losses_and_gradients(case):
+    """The losses and the mask head stay float32, and so do the gradients. bf16 rounds the dense
+    convs' products to 8 bits of mantissa, which this random tiny model amplifies layer by layer
+    on the way down (its deepest layers' gradients keep a cosine of ~0.5 with float32's): the
+    bar is the layers that make the outputs, whose gradients point the way float32's do, and
+    the whole gradient's norm."""
+    model = _fixture_model(case).train()
+    batch = load_train_batch(require_fixtures() / case)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def losses_and_gradients():
+        torch.manual_seed(0)
+        losses = model(batch)
+        grads = torch.autograd.grad(sum(losses.values()), list(params.values()), allow_unused=True)
+        return losses, {n: g for n, g in zip(params, grads) if g is not None}
+
+    ref, ref_grads = losses_and_gradients()
+    model.bf16 = True
+    dense = ["proposal_generator.fcos_head.cls_logits", "mask_branch.tower"]
+    dtypes = _output_dtypes(model, dense + ["mask_head"])
+    losses, grads = losses_and_gradients()
+    assert dtypes == {
+        dense[0]: torch.bfloat16,
+        dense[1]: torch.bfloat16,
+        "mask_head": torch.float32,
+    }
+    assert set(losses) == set(ref) and ("loss_sem" in losses) == (case == "tiny_sem")
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        torch.testing.assert_close(loss, ref[name], rtol=0.02, atol=0.01, msg=name)
+    assert grads.keys() == ref_grads.keys()
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    head = "proposal_generator.fcos_head."
+    outputs = [head + "cls_logits", head + "bbox_pred", head + "ctrness", head + "controller"]
+    for name in outputs + ["mask_branch.tower.4"]:
+        cosine = torch.cosine_similarity(
+            grads[name + ".weight"].flatten(), ref_grads[name + ".weight"].flatten(), dim=0
+        )
+        assert cosine > 0.94, name
+    norm, ref_norm = (
+        torch.cat([g.flatten() for g in x.values()]).norm() for x in (grads, ref_grads)
+    )
+    assert 0.9 < norm / ref_norm < 1.1
 
 
 def test_amp_on_a_cpu_is_refused_with_a_clear_message():

@@ -136,7 +136,7 @@ class MaskBranch(nn.Module):
 
     def semantic_loss(self, feature: torch.Tensor, gt_instances: List[Instances]) -> torch.Tensor:
         """Sigmoid focal loss of the semantic logits, summed / foreground pixels (at least 1)."""
-        logits = self.logits(self.seg_head(feature))  # (N, K, h, w)
+        logits = self.logits(self.seg_head(feature)).float()  # (N, K, h, w), also under autocast
         targets = semantic_targets(gt_instances, self.out_stride)
         classes = torch.arange(logits.shape[1], device=logits.device)[:, None, None] + 1
         one_hot = (targets == classes).to(logits.dtype)

@@ -35,8 +35,8 @@ def _cpu_has_bf16() -> bool:
 def _warn_if_bf16_is_slow(cfg) -> None:
     if cfg.MODEL.CONDINST.BF16 and cfg.MODEL.DEVICE == "cpu" and not _cpu_has_bf16():
         logger.warning(
-            "MODEL.CONDINST.BF16 is on, but this CPU has no bf16 arithmetic: inference will be "
-            "several times slower than float32; set MODEL.CONDINST.BF16 False"
+            "MODEL.CONDINST.BF16 is on, but this CPU has no bf16 arithmetic: training and "
+            "inference will be several times slower than float32; set MODEL.CONDINST.BF16 False"
         )
 
 
@@ -118,11 +118,11 @@ class CondInst(nn.Module):
                 runs in that layout, which cuDNN prefers (results equal up to rounding; on the
                 benchmark's CPU a 256-channel conv was as fast in either layout). Training keeps
                 the standard layout, whose gradients match the authors'.
-            bf16: at inference, run the dense convolutions (backbone, FPN, FCOS towers and
-                predictors, mask branch) under bfloat16 autocast on the model's device; the
-                decoding, the controller, the dynamic mask head and the paste run in float32.
-                Faster only where the hardware has bf16 arithmetic (AVX-512-BF16, AMX, recent
-                GPUs); outputs differ from float32's.
+            bf16: in training and at inference, run the dense convolutions (backbone, FPN,
+                FCOS towers and predictors, mask branch) under bfloat16 autocast on the model's
+                device; the losses, the decoding, the controller, the dynamic mask head and the
+                paste run in float32. Faster only where the hardware has bf16 arithmetic
+                (AVX-512-BF16, AMX, recent GPUs); outputs and gradients differ from float32's.
         """
         super().__init__()
         self.backbone = backbone
@@ -186,12 +186,16 @@ class CondInst(nn.Module):
         """
         images = self.preprocess_image(batched_inputs)
         if self.training:
-            return self.forward_training(batched_inputs, images, self.backbone(images.tensor))
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            return self.forward_training(batched_inputs, images)
+        with self.dense_precision():
             features = self.backbone(images.tensor)
             mask_feats, _ = self.mask_branch(features)
             detections, _ = self.proposal_generator(images, features)  # decoded in float32
         return self.forward_inference(batched_inputs, images, mask_feats.float(), detections)
+
+    def dense_precision(self) -> torch.autocast:
+        """The context of the dense convolutions: bf16 autocast when `bf16`, else a no-op."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [move_device_like(x["image"], self.pixel_mean) for x in batched_inputs]
@@ -203,18 +207,20 @@ class CondInst(nn.Module):
         return images
 
     def forward_training(
-        self, batched_inputs: List[Dict], images: ImageList, features: Dict[str, torch.Tensor]
+        self, batched_inputs: List[Dict], images: ImageList
     ) -> Dict[str, torch.Tensor]:
         if "instances" not in batched_inputs[0]:
             raise ValueError("CondInst in training mode needs 'instances' in every input dict")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         padded_size = tuple(images.tensor.shape[-2:])
         self.mask_head.add_targets(gt_instances, batched_inputs, padded_size)
-        mask_feats, losses = self.mask_branch(features, gt_instances)
-        positives, fcos_losses = self.proposal_generator(images, features, gt_instances)
+        with self.dense_precision():
+            features = self.backbone(images.tensor)
+            mask_feats, losses = self.mask_branch(features, gt_instances)
+            positives, fcos_losses = self.proposal_generator(images, features, gt_instances)
         losses.update(fcos_losses)
         positives = self.select_mask_training_instances(positives, padded_size)
-        losses.update(self.mask_head.loss(mask_feats, positives, gt_instances))
+        losses.update(self.mask_head.loss(mask_feats.float(), positives, gt_instances))
         return losses
 
     def forward_inference(

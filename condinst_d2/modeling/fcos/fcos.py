@@ -188,11 +188,11 @@ class FCOS(nn.Module):
         feats = [features[f] for f in self.in_features]
         locations = self.level_locations(feats)
         outputs = self.fcos_head(feats)
-        if self.training:
-            return self.forward_training(outputs, locations, gt_instances, images)
-        # Decoding and controller in float32, also when the head ran under autocast.
+        # Losses, decoding and controller in float32, also when the head ran under autocast.
         outputs = HeadOutputs(*([x.float() for x in level] for level in outputs))
         with torch.autocast(feats[0].device.type, enabled=False):
+            if self.training:
+                return self.forward_training(outputs, locations, gt_instances, images)
             return self.inference(outputs, locations, images.image_sizes), {}
 
     def level_locations(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
