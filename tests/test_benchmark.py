@@ -40,11 +40,17 @@ def test_benchmark_runs_and_reports_all_measurements(tmp_path):
         == 100
     )
     assert set(r["mask_stage"]) == {"1", "10", "50", "100"}
-    for section in (r["end_to_end"], r["training"], r["peak_memory_mib"], r["slope_ms"]):
+    for section in (r["end_to_end"], r["peak_memory_mib"], r["slope_ms"]):
         assert set(section) == {"condinst", "mask_rcnn"}
-    assert all(v > 0 for v in r["training"].values()) and all(
-        v > 0 for v in r["peak_memory_mib"].values()
-    )
+    training = r["training"]["seconds"]
+    assert set(training) == {"condinst", "condinst_bf16", "mask_rcnn", "mask_rcnn_random_rpn"}
+    assert all(v > 0 for v in training.values())
+    assert all(v > 0 for v in r["peak_memory_mib"].values())
+    # An RPN that proposes as a trained one does gives Mask R-CNN's heads more foreground RoIs
+    # than a random one, up to Detectron2's 128 per image.
+    fg_rois = r["training"]["fg_rois_per_image"]
+    assert 8 <= fg_rois["mask_rcnn_random_rpn"] < fg_rois["mask_rcnn"] <= 128
+    assert "Mask R-CNN's RPN as trained" in result.stdout
     assert r["hardware"]["condinst_gflops"] > 1 and r["hardware"]["conv_gflops"] > 1
     assert "| inference 128x192 (100 vs 100 detections)" in result.stdout
     assert "CondInst / Mask R-CNN" in result.stdout

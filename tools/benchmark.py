@@ -8,7 +8,9 @@ median of repeats after warm-up, with the two models' runs interleaved. Reported
   2. the mask stage alone for K = 1, 10, 50, 100 instances, and its per-instance slope:
      CondInst: controller output -> dynamic head -> upsample -> paste/threshold at image size;
      Mask R-CNN: ROIAlign -> mask head -> paste at image size;
-  3. one training iteration (forward, backward, SGD step) on the same 2-image batch of that size;
+  3. one training iteration (forward, backward, SGD step) on the same 2-image batch of that size,
+     Mask R-CNN with its RPN proposing as a trained one does (and as a random one, for reference),
+     CondInst also with MODEL.CONDINST.BF16;
   4. peak memory of inference on a 2500x1800 image (--large-size) with 100 detections, each model
      in its own process;
   and CondInst's latency against the time its FLOPs take at this machine's 3x3-conv throughput.
@@ -38,9 +40,9 @@ from detectron2.config import get_cfg
 from detectron2.layers import paste_masks_in_image
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_inference
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.analysis import FlopCountAnalysis
-from detectron2.utils.events import EventStorage
+from detectron2.utils.events import EventStorage, get_event_storage
 
 from condinst_d2.config import get_condinst_cfg
 from condinst_d2.export import export_onnx
@@ -313,28 +315,79 @@ def training_batch(h: int, w: int) -> List[Dict]:
     return batch
 
 
-def training_step(models, repeats: int, size) -> Dict[str, float]:
+@torch.no_grad()
+def _objectness_as_trained(mask_rcnn, batch: List[Dict]) -> List[torch.Tensor]:
+    """The objectness logits a trained RPN gives the anchors of `batch`: each anchor's best IoU
+    with the image's GT boxes, as a logit (positive above IoU 0.5), in the RPN head's
+    per-level layout (N, A, Hl, Wl)."""
+    rpn = mask_rcnn.proposal_generator
+    images = mask_rcnn.preprocess_image(batch)
+    features = mask_rcnn.backbone(images.tensor)
+    features = [features[f] for f in rpn.in_features]
+    logits = []
+    for anchors, feature in zip(rpn.anchor_generator(features), features):  # (Hl * Wl * A, 4)
+        n, _, h, w = feature.shape
+        ious = [pairwise_iou(anchors, x["instances"].gt_boxes).max(dim=1).values for x in batch]
+        iou = torch.stack(ious).view(n, h, w, -1).permute(0, 3, 1, 2)  # (N, A, Hl, Wl)
+        logits.append(10.0 * (iou - 0.5))
+    return logits
+
+
+def _rpn_as_trained(mask_rcnn, batch: List[Dict]):
+    """Makes Mask R-CNN's RPN propose on `batch` as a trained one does (a forward hook; remove
+    it with `.remove()`). Its outputs take the values of `_objectness_as_trained` while their
+    gradients stay the head's: the same work, and the proposals of a trained RPN, hence the
+    foreground RoIs (up to 128 per image) a trained model's box and mask heads train on. A random
+    RPN proposes random anchors, so these heads train on the GT boxes alone (8 per image here)."""
+    targets = _objectness_as_trained(mask_rcnn, batch)
+
+    def hook(module, inputs, outputs):
+        logits, deltas = outputs
+        return [x + (t - x).detach() for x, t in zip(logits, targets)], deltas
+
+    return mask_rcnn.proposal_generator.rpn_head.register_forward_hook(hook)
+
+
+def training_step(models, repeats: int, size) -> Dict[str, Dict[str, float]]:
+    """Seconds of one training iteration (forward, backward, SGD step) on the same batch:
+    CondInst in float32 and with MODEL.CONDINST.BF16, Mask R-CNN with its RPN as trained
+    (`_rpn_as_trained`) and as random; and the foreground RoIs per image that Mask R-CNN's heads
+    trained on in each case."""
     batch = training_batch(*size)
+    bf16 = copy.deepcopy(models["condinst"])
+    bf16.bf16 = True  # what the config key sets at build
+    random_rpn = copy.deepcopy(models["mask_rcnn"])
+    hook = _rpn_as_trained(models["mask_rcnn"], batch)
+    variants = {
+        "condinst": models["condinst"],
+        "condinst_bf16": bf16,
+        "mask_rcnn": models["mask_rcnn"],
+        "mask_rcnn_random_rpn": random_rpn,
+    }
+    fg_rois = {}
     steps = {}
-    for name, model in models.items():
+    for name, model in variants.items():
         model.train()
         # lr 0: random weights would diverge; the step still runs (and is timed) in full.
         optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9
         )
 
-        def step(model=model, optimizer=optimizer):
+        def step(name=name, model=model, optimizer=optimizer):
             losses = model(batch)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
+            if name.startswith("mask_rcnn"):
+                fg_rois[name] = get_event_storage().latest()["roi_head/num_fg_samples"][0]
 
         steps[name] = step
     with EventStorage():  # Mask R-CNN logs training statistics there
-        times = interleaved(steps, repeats)
+        seconds = interleaved(steps, repeats)
+    hook.remove()
     for model in models.values():
         model.eval()
-    return times
+    return {"seconds": seconds, "fg_rois_per_image": fg_rois}
 
 
 @torch.no_grad()
@@ -554,14 +607,14 @@ def report(r: Dict) -> str:
             TARGETS["slope"],
         )
     )
-    rows.append(
-        _row(
-            f"training iteration (2 images {size[0]}x{size[1]})",
-            train["condinst"],
-            train["mask_rcnn"],
-            target=TARGETS["training"],
-        )
-    )
+    seconds, fg_rois = train["seconds"], train["fg_rois_per_image"]
+    for name, rpn, target in (
+        ("mask_rcnn", "as trained", TARGETS["training"]),
+        ("mask_rcnn_random_rpn", "random", None),
+    ):
+        label = f"training iteration (2 images {size[0]}x{size[1]}; Mask R-CNN's RPN {rpn}: "
+        label += f"{fg_rois[name]:.0f} foreground RoIs per image)"
+        rows.append(_row(label, seconds["condinst"], seconds[name], target=target))
     rows.append(
         _row(
             f"peak inference memory {large[0]}x{large[1]}",
@@ -605,6 +658,10 @@ def report(r: Dict) -> str:
         f"{opts['bf16'] * 1e3:.0f} ms bf16 ({speedup:.2f}x, >= {TARGETS['bf16_speedup']}: {met}; 3x3 conv "
         f"{hw['conv_gflops_bf16']:.0f} GFLOP/s in bf16 vs {hw['conv_gflops']:.0f} in float32; "
         f"bf16 latency / its FLOP floor at the bf16 rate = {bf16_floor:.2f})"
+    )
+    rows.append(
+        f"  training iteration: {seconds['condinst']:.2f} s float32, {seconds['condinst_bf16']:.2f} s "
+        f"bf16 ({seconds['condinst'] / seconds['condinst_bf16']:.2f}x)"
     )
     if "onnx" in r:
         rows += ["", *onnx_report(r["onnx"], size, large)]
