@@ -20,6 +20,7 @@ from detectron2.modeling import build_model
 
 from condinst_d2.data import CondInstDatasetMapper, register_coco_dataset, write_coco_split
 from condinst_d2.engine import Trainer, build_cfg
+from condinst_d2.modeling import meta_arch
 
 from helpers import ROOT, SHARED, write_boxes_only
 
@@ -205,17 +206,14 @@ FRUITS_RUN = ["INPUT.MIN_SIZE_TRAIN", "(256, 288, 320)", "INPUT.MIN_SIZE_TEST", 
 FRUITS_RUN += ["DATALOADER.NUM_WORKERS", 0, "SEED", 1]
 
 
-@pytest.fixture(scope="module")
-def fruits_condinst(tmp_path_factory):
+def _train_fruits(out, opts):
     """Fast version of the README's fruits_nuts run: CondInst, 60 iterations on the 18 photos,
-    logging the FCOS losses by level. Returns its total losses, its results, its model_final.pth
-    and the per-iteration values of every logged loss (name -> list)."""
+    with the config overrides `opts`. Returns its total losses, its results, its
+    model_final.pth and the per-iteration values of every logged loss (name -> list)."""
     if not FRUITS.is_dir():
         pytest.skip(f"fruits_nuts dataset not at {FRUITS}")
-    out = tmp_path_factory.mktemp("fruits_condinst")
     dataset = (str(FRUITS / "trainval.json"), str(FRUITS / "images"))
-    opts = ["SOLVER.MAX_ITER", 60, "SOLVER.STEPS", "(48,)", "SOLVER.WARMUP_ITERS", 20]
-    opts += ["MODEL.FCOS.LOG_LEVEL_LOSSES", True]
+    opts = ["SOLVER.MAX_ITER", 60, "SOLVER.STEPS", "(48,)", "SOLVER.WARMUP_ITERS", 20] + opts
     cfg = build_cfg(
         EFFICIENTNET,
         opts + FRUITS_RUN + ["OUTPUT_DIR", str(out)],
@@ -230,11 +228,32 @@ def fruits_condinst(tmp_path_factory):
     return logged["total_loss"], results, out / "model_final.pth", logged
 
 
+@pytest.fixture(scope="module")
+def fruits_condinst(tmp_path_factory):
+    """`_train_fruits`, logging the FCOS losses by level."""
+    out = tmp_path_factory.mktemp("fruits_condinst")
+    return _train_fruits(out, ["MODEL.FCOS.LOG_LEVEL_LOSSES", True])
+
+
 def test_learns_on_real_photos_fruits_nuts(fruits_condinst):
     """The loss halves and segm AP exceeds 5."""
     losses, results, _, _ = fruits_condinst
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < first / 2, (first, last)
+    assert results["segm"]["AP"] > 5, results
+    assert results["bbox"]["AP"] > 5, results
+
+
+def test_learns_in_bf16_on_real_photos_fruits_nuts(tmp_path):
+    """MODEL.CONDINST.BF16 training: the loss halves, the box loss leaves its initial value,
+    and segm and bbox AP exceed 5."""
+    if not meta_arch._cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 arithmetic: bf16 training would be several times slower")
+    losses, results, _, logged = _train_fruits(tmp_path, ["MODEL.CONDINST.BF16", True])
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < first / 2, (first, last)
+    box = logged["loss_fcos_loc"]
+    assert np.mean(box[-10:]) < 0.7 * np.mean(box[:10]), box
     assert results["segm"]["AP"] > 5, results
     assert results["bbox"]["AP"] > 5, results
 
