@@ -41,6 +41,28 @@ def _predict(model: nn.Module, case: str):
         return model([{"image": torch.as_tensor(image).float()}])[0]["instances"]
 
 
+def test_the_dynamic_head_in_a_few_instances_per_call_gives_the_masks_of_one_call(monkeypatch):
+    """At inference CondInst runs the dynamic head on at most MASK_HEAD_VALUES_PER_CALL mask
+    feature values per call: the same probabilities, to the bit, as one call for all."""
+    model = _fixture_model("tiny_base")
+    _, image, _ = next(iter(inference_cases(require_fixtures() / "tiny_base")))
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": torch.as_tensor(image).float()}])
+        features = model.backbone(images.tensor)
+        mask_feats, _ = model.mask_branch(features)
+        detections = model.proposal_generator(images, features)[0][0]
+        one_call = model.mask_head(mask_feats, detections).sigmoid()
+        calls = []
+        model.mask_head.register_forward_hook(lambda m, args, out: calls.append(len(out)))
+        monkeypatch.setattr(meta_arch, "MASK_HEAD_VALUES_PER_CALL", 3 * mask_feats[0].numel())
+        chunked = model.mask_probabilities(mask_feats, detections)
+        none = model.mask_probabilities(mask_feats, detections[:0])
+    d = len(detections)
+    assert d > 10 and calls == [3] * (d // 3) + [d % 3] * (d % 3 > 0) + [0]
+    assert torch.equal(chunked, one_call)
+    assert none.shape == (0, *one_call.shape[1:])
+
+
 def test_folded_model_predicts_the_same_up_to_rounding():
     model = _fixture_model("tiny_sem")
     folded = copy.deepcopy(model)

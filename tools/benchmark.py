@@ -267,7 +267,7 @@ def mask_stage_fns(condinst, mask_rcnn, k: int, size) -> Dict[str, Callable[[], 
             c_images.tensor.shape[-2:], im_inds=zeros, fpn_levels=zeros, locations=locations
         )
         inst.mask_head_params = head.controller_at(towers, zeros, zeros, loc_inds)
-        probs = condinst.mask_head(mask_feats, inst).sigmoid()
+        probs = condinst.mask_probabilities(mask_feats, inst)
         return paste_masks(probs, c_images.tensor.shape[-2:], size, size)
 
     m_images = mask_rcnn.preprocess_image([{"image": x}])
@@ -400,7 +400,7 @@ def ablations(condinst, repeats: int, size) -> Dict[str, Dict[str, float]]:
     features = condinst.backbone(images.tensor)
     det = condinst.proposal_generator(images, features)[0][0]
     mask_feats, _ = condinst.mask_branch(features)
-    probs = condinst.mask_head(mask_feats, det).sigmoid()
+    probs = condinst.mask_probabilities(mask_feats, det)
     padded = tuple(images.tensor.shape[-2:])
     paste = interleaved(
         {
