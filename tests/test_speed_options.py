@@ -145,10 +145,12 @@ def test_training_runs_under_autocast_with_close_losses():
     batch = load_train_batch(require_fixtures() / "tiny_base")
     torch.manual_seed(0)
     ref = model(batch)
+    dtypes = _output_dtypes(model, ["proposal_generator.fcos_head.cls_logits"])
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(batch)
     sum(losses.values()).backward()
+    assert dtypes == {"proposal_generator.fcos_head.cls_logits": torch.bfloat16}
     assert set(losses) == set(ref)
     for name, loss in losses.items():
         assert loss.dtype == torch.float32 and torch.isfinite(loss)

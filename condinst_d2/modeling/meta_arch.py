@@ -5,8 +5,9 @@ Shape shorthand: N: images, Hp x Wp: padded batch size, G: ground truths of one 
 P: positive locations, D: detections.
 """
 
+import contextlib
 import logging
-from typing import Dict, List, Tuple
+from typing import ContextManager, Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -200,9 +201,12 @@ class CondInst(nn.Module):
             detections, _ = self.proposal_generator(images, features)  # decoded in float32
         return self.forward_inference(batched_inputs, images, mask_feats.float(), detections)
 
-    def dense_precision(self) -> torch.autocast:
-        """The context of the dense convolutions: bf16 autocast when `bf16`, else a no-op."""
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+    def dense_precision(self) -> ContextManager:
+        """The context of the dense convolutions: bf16 autocast when `bf16`, else none, so that
+        an autocast around the model (SOLVER.AMP's) still applies."""
+        if self.bf16:
+            return torch.autocast(self.device.type, torch.bfloat16)
+        return contextlib.nullcontext()
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [move_device_like(x["image"], self.pixel_mean) for x in batched_inputs]
