@@ -79,12 +79,13 @@ def run(request, model):
     image = np.ascontiguousarray(ref["resized_bgr_uint8"][:, :, ::-1].transpose(2, 0, 1))
     height, width = (int(x) for x in ref["ori_shape"])
     seen: Dict = {}
+    mask_logits = []  # the dynamic head runs on a few detections per call
     hooks = [
         _capture(model.backbone, seen, "features"),
         _capture(model.proposal_generator.fcos_head, seen, "head"),
         _capture(model.proposal_generator, seen, "detections"),
         _capture(model.mask_branch, seen, "mask_branch"),
-        _capture(model.mask_head, seen, "mask_logits"),
+        model.mask_head.register_forward_hook(lambda mod, args, out: mask_logits.append(out)),
     ]
     inputs = {"image": torch.from_numpy(image).float(), "height": height, "width": width}
     with torch.no_grad():
@@ -94,6 +95,7 @@ def run(request, model):
         seen["params"] = [model.proposal_generator.fcos_head.controller(t) for t in towers]
     for hook in hooks:
         hook.remove()
+    seen["mask_logits"] = torch.cat(mask_logits)
     return ref, seen, result["instances"]
 
 
